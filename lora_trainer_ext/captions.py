@@ -16,6 +16,16 @@ from .errors import LoraMakerError
 EMOTICONS = frozenset(
     "0_0 (o)_(o) +_+ +_- ._. <o>_<o> <|>_<|> =_= >_< 3_3 6_9 >_o @_@ ^_^ o_o u_u x_x |_| ||_||".split()
 )
+# Booru bookkeeping tags: they describe the upload (its size, translation, missing information), not
+# the picture, so they make poor caption tags; booru scrapes drop them and the tagger's default
+# blacklist holds them. Quality and style tags (lowres, official_art, monochrome) stay: they do
+# describe the image, and prompts can ask them away.
+META_TAGS = frozenset(
+    "highres absurdres incredibly_absurdres commentary commentary_request english_commentary "
+    "symbol-only_commentary translated translation_request partially_translated check_translation tagme "
+    "artist_request character_request copyright_request source_request bad_id bad_pixiv_id bad_twitter_id "
+    "md5_mismatch duplicate revision".split()
+)
 _SPACES = re.compile(r"\s+")
 _UNESCAPED_PAREN = re.compile(r"(?<!\\)([()])")
 

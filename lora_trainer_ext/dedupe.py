@@ -138,8 +138,14 @@ class Group:
     duplicates: list[Duplicate] = field(default_factory=list)
 
 
+def _keeper_rank(info: ImageInfo) -> tuple:
+    """Best first: most pixels; at equal size a lossless file (no JPEG artefacts), then more bytes."""
+    lossless = Path(info.name).suffix.lower() in (".png", ".bmp")
+    return (-info.width * info.height, not lossless, -info.bytes, info.name)
+
+
 def find_groups(infos: list[ImageInfo], threshold: int = DEFAULT_THRESHOLD) -> list[Group]:
-    """Groups of near-duplicates, each around its best image (most pixels, then most bytes): every
+    """Groups of near-duplicates, each around its best image (`_keeper_rank`): every
     member is within `threshold` bits of its keeper, so a group never chains unlike images together."""
     usable = [i for i in infos if i.phash]
     if not usable:
@@ -150,7 +156,7 @@ def find_groups(infos: list[ImageInfo], threshold: int = DEFAULT_THRESHOLD) -> l
     for x, y, dist in zip(a.tolist(), b.tolist(), d.tolist()):
         neighbours.setdefault(x, {})[y] = dist
         neighbours.setdefault(y, {})[x] = dist
-    order = sorted(neighbours, key=lambda k: (-usable[k].width * usable[k].height, -usable[k].bytes, usable[k].name))
+    order = sorted(neighbours, key=lambda k: _keeper_rank(usable[k]))
     taken: set[int] = set()
     groups = []
     for k in order:

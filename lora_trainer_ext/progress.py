@@ -19,7 +19,7 @@ class Task:
 
 
 class Progress:
-    def task(self, description: str, total: int | None) -> Task:
+    def task(self, description: str, total: int | None, unit: str = "img") -> Task:
         return Task()
 
     def should_stop(self) -> bool:
@@ -27,17 +27,17 @@ class Progress:
 
 
 class TqdmProgress(Progress):
-    """Progress bars on stderr for the CLI."""
+    """Progress bars on stderr for the CLI (only on a terminal: piped stderr keeps just the messages)."""
 
-    def task(self, description: str, total: int | None) -> Task:
-        return _TqdmTask(description, total)
+    def task(self, description: str, total: int | None, unit: str = "img") -> Task:
+        return _TqdmTask(description, total, unit)
 
 
 class _TqdmTask(Task):
-    def __init__(self, description: str, total: int | None):
+    def __init__(self, description: str, total: int | None, unit: str):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc=description, unit="img", dynamic_ncols=True, leave=False)
+        self.bar = tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True, leave=False, disable=None)
 
     def advance(self, n: int = 1, note: str = "") -> None:
         if note:
