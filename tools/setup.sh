@@ -22,4 +22,8 @@ mkdir -p .cache/wheelhouse
 grep -vE '^\s*(#|$|torch\s*$)' tests/data/webui-1.10.1-pins.txt | sed 's/ *#.*//' > .cache/webui-pins.txt
 "${pip[@]}" download --no-deps -d .cache/wheelhouse -r .cache/webui-pins.txt
 "${pip[@]}" download -d .cache/wheelhouse -r requirements.txt "torch==$torch_version"
+# ... and what they resolve to under the pins (e.g. a scipy that takes numpy 1.26.2), which is what
+# install.py installs in a WebUI. setuptools is left free: torch 2.13 needs >=77 (the WebUI's 2.1.2 doesn't).
+grep -v '^setuptools' .cache/webui-pins.txt > .cache/webui-pins-but-setuptools.txt
+"${pip[@]}" download -d .cache/wheelhouse -r requirements.txt -c .cache/webui-pins-but-setuptools.txt "torch==$torch_version"
 echo "Development environment ready: .venv/ (run the tests with: .venv/bin/python -m pytest)"
