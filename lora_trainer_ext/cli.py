@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--existing", choices=EXISTING_MODES, default="skip", help="what to do with captions already there (default: skip)")
     p.add_argument("--model-cache", type=Path, default=None, metavar="DIR", help=f"where models are downloaded (default: {default_model_cache()})")
 
-    p = command("tags", "show the tag frequency table and edit captions (every edit is undoable)")
+    p = command("tags", "show the tag frequency table, search captions by tag, and edit them (every edit is undoable); "
+                        "--include/--exclude select the images that are counted, listed and edited")
     p.add_argument("--top", type=int, default=None, metavar="N", help="show the N most frequent tags (default: 50 when not editing)")
     p.add_argument("--activation", type=_csv, default=[], metavar="TAGS", help="activation tag(s): put first in every caption; keep_tokens is remembered for training")
     p.add_argument("--remove", type=_csv, default=[], metavar="TAGS", help='prune tags, e.g. "aqua hair, twintails"')
@@ -95,9 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--add", type=_csv, default=[], metavar="TAGS", help="append tags")
     p.add_argument("--dedupe", action="store_true", help="drop repeated tags inside each caption")
     p.add_argument("--sort", action="store_true", help="sort tags alphabetically (activation tags stay first)")
-    p.add_argument("--include", type=_csv, default=[], metavar="TAGS", help="only edit images that carry these tags")
-    p.add_argument("--exclude", type=_csv, default=[], metavar="TAGS", help="only edit images that carry none of these tags")
+    p.add_argument("--include", type=_csv, default=[], metavar="TAGS", help="only images that carry these tags")
+    p.add_argument("--exclude", type=_csv, default=[], metavar="TAGS", help="only images that carry none of these tags")
     p.add_argument("--any", action="store_true", help="--include matches images with any (not all) of its tags")
+    p.add_argument("--list", action="store_true", help="list the matching images with their captions")
     p.add_argument("--set", nargs=2, metavar=("IMAGE", "CAPTION"), help="replace one image's caption")
     p.add_argument("--undo", action="store_true", help="undo the last caption edit")
     p.add_argument("--history", action="store_true", help="list the caption edits that can be undone")
@@ -217,12 +219,19 @@ def cmd_tags(args, project_of) -> None:
         return
     edits = curate.Edits(remove=args.remove, replace=[curate.parse_replace(s) for s in args.replace], append=args.add,
                          dedupe=args.dedupe, sort=args.sort, activation=args.activation)
+    where = curate.Filter(args.include, args.exclude, match_all=not args.any)
     if edits.describe():
-        where = curate.Filter(args.include, args.exclude, match_all=not args.any)
         changed = curate.edit_tags(project, edits, where)
         _say(f"{edits.describe()}: {changed} captions changed (undo with: tags {project.name} --undo)")
-    if args.top is not None or not edits.describe():
-        table = curate.tag_frequency(curate.load_captions(project))
+    if args.top is not None or args.list or not edits.describe():
+        captions = curate.load_captions(project)
+        selected = {image: tags for image, tags in captions.items() if where.matches(tags)}
+        if args.include or args.exclude:
+            _say(f"{len(selected)} of {len(captions)} images match")
+        if args.list:
+            _say(*[f"{image.name}: {', '.join(tags)}" for image, tags in selected.items()])
+            return
+        table = curate.tag_frequency(selected)
         top = table[: args.top or 50]
         _say(*[f"{n:6d}  {tag}" for tag, n in top] or ["no tags yet"])
         if len(table) > len(top):

@@ -150,6 +150,10 @@ def test_dataset_from_tag_query_to_report(tmp_path, env):
     top = ok(run("tags", "mychar", "--top", "3", root=root)).splitlines()
     reds = sum("red theme" in tags for tags in captions.values())
     assert f"{reds:6d}  red theme" in top[:3] and len([line for line in top if line[:6].strip().isdigit()]) == 3
+    blues = [stem for stem, tags in captions.items() if "blue theme" in tags]
+    found = ok(run("tags", "mychar", "--include", "blue theme", "--exclude", "red theme", "--list", root=root)).splitlines()
+    assert found[0] == f"{len(blues)} of {len(captions)} images match"
+    assert sorted(line.split(".")[0] for line in found[1:]) == sorted(blues)
     ok(run("tags", "mychar", "--activation", "mychar", "--remove", "red theme", root=root))
     assert (dataset / "gelbooru_1003.txt").read_text(encoding="utf-8").split(", ") == \
         ["mychar"] + [t for t in captions["gelbooru_1003"] if t != "red theme"]
