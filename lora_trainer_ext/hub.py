@@ -76,7 +76,7 @@ def download_repo_files(
         if dest.is_file():
             continue
         url = f"{base}/{quote(repo_id)}/resolve/main/{quote(filename)}"
-        with progress.task(f"downloading {repo_id}/{filename} (MB)", None) as task:
+        with progress.task(f"downloading {repo_id}/{filename}", None, unit="MB") as task:
             try:
                 http.download(url, dest, on_bytes=_megabytes(task), headers=_auth_headers())
             except HttpError as e:

@@ -121,75 +121,23 @@ def read_requirements(path: Path = REQUIREMENTS) -> list[Requirement]:
 
 # --- versions -------------------------------------------------------------------------------------
 
-_VERSION = re.compile(
-    r"v?(?:(\d+)!)?(\d+(?:\.\d+)*)"
-    r"(?:[-_.]?(a|b|c|rc|alpha|beta|pre|preview)[-_.]?\d*)?"
-    r"(?:(-\d+)|[-_.]?(post|rev|r)[-_.]?\d*)?"
-    r"(?:[-_.]?(dev)[-_.]?\d*)?"
-    r"(?:\+[a-z0-9]+(?:[-_.][a-z0-9]+)*)?",
-    re.I,
-)
+
+def _packaging():
+    """The `packaging` library: the WebUI's venv has it (transformers needs it), pip always vendors it."""
+    try:
+        from packaging import specifiers, version
+    except ImportError:
+        from pip._vendor.packaging import specifiers, version
+    return specifiers, version
 
 
-class _Version(NamedTuple):
-    epoch: int
-    release: tuple  # trailing zeros dropped: 1.27.0 == 1.27
-    rank: int  # 0: pre-release or dev, 1: final, 2: post-release
-
-    @property
-    def key(self):
-        return (self.epoch, self.release, self.rank)
-
-
-def _version(text: str) -> _Version | None:
-    """A PEP 440 version reduced to what our comparisons need, or None when it isn't one."""
-    match = _VERSION.fullmatch(text.strip())
-    if match is None:
-        return None
-    epoch, release, pre, implicit_post, post, dev = match.groups()
-    numbers = tuple(int(n) for n in release.split("."))
-    while len(numbers) > 1 and numbers[-1] == 0:
-        numbers = numbers[:-1]
-    rank = 0 if pre else 2 if implicit_post or post else 0 if dev else 1
-    return _Version(int(epoch or 0), numbers, rank)
-
-
-def _tiny_satisfies(version: str, spec: str) -> bool:
-    """`satisfies` without the packaging library (absent from some environments): release-number
-    comparisons with PEP 440's pre/post-release exclusions; all pre-releases of one release tie."""
-    have = _version(version)
-    if have is None:
+def is_version(text: str) -> bool:
+    """Whether pip can read `text` as a (PEP 440) version."""
+    _, version = _packaging()
+    try:
+        version.Version(text)
+    except version.InvalidVersion:
         return False
-    for clause in filter(None, spec.split(",")):
-        op, wanted = re.fullmatch(rf"({_OP})(.+)", clause).groups()
-        if op == "===":
-            ok = version.strip() == wanted
-        elif wanted.endswith(".*") or op == "~=":  # a release prefix: ==1.4.* or ~=1.4.2 (>=1.4.2 and ==1.4.*)
-            written = re.match(r"(?:\d+!)?(\d+(?:\.\d+)*)", wanted)
-            if written is None:
-                return False
-            prefix = tuple(int(n) for n in written.group(1).split("."))[: None if op != "~=" else -1]
-            in_prefix = (have.release + (0,) * len(prefix))[: len(prefix)] == prefix
-            if op == "~=":
-                want = _version(wanted)
-                ok = want is not None and len(prefix) > 0 and in_prefix and have.key >= want.key
-            else:
-                ok = in_prefix == (op == "==")
-        else:
-            want = _version(wanted)
-            if want is None:
-                return False
-            same_release = (have.epoch, have.release) == (want.epoch, want.release)
-            ok = {
-                "==": have.key == want.key,
-                "!=": have.key != want.key,
-                ">=": have.key >= want.key,
-                "<=": have.key <= want.key,
-                ">": have.key > want.key and not same_release,  # excludes post-releases of V
-                "<": have.key < want.key and not same_release,  # excludes pre-releases of V
-            }[op]
-        if not ok:
-            return False
     return True
 
 
@@ -197,14 +145,10 @@ def satisfies(version: str, spec: str) -> bool:
     """Whether installed `version` is inside `spec` (">=1.17,<1.27"); pre-releases count."""
     if not spec:
         return True
+    specifiers, versions = _packaging()
     try:
-        from packaging.specifiers import InvalidSpecifier, SpecifierSet
-        from packaging.version import InvalidVersion
-    except ImportError:
-        return _tiny_satisfies(version, spec)
-    try:
-        return SpecifierSet(spec).contains(version, prereleases=True)
-    except (InvalidSpecifier, InvalidVersion):
+        return specifiers.SpecifierSet(spec).contains(version, prereleases=True)
+    except (specifiers.InvalidSpecifier, versions.InvalidVersion):
         return False
 
 
@@ -344,7 +288,7 @@ def constraint_lines(installed: dict[str, str], pins: dict[str, str], installing
     lines = {}
     for name, version in installed.items():
         # A version pip can't parse would make it reject the whole file: leave that package out.
-        if name not in free and _version(version) is not None and re.fullmatch(r"[a-z0-9][a-z0-9.-]*", name):
+        if name not in free and is_version(version.strip()) and re.fullmatch(r"[a-z0-9][a-z0-9.-]*", name):
             lines[name] = f"{name}=={version.strip()}"
     for name, spec in pins.items():
         if name not in installed and spec:
