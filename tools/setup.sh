@@ -14,6 +14,7 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
   "${pip[@]}" install torch==2.13.0 || "${pip[@]}" install torch --index-url https://download.pytorch.org/whl/cpu
 fi
 "${pip[@]}" install -r requirements-dev.txt
+"${pip[@]}" install --no-deps stable-diffusion-sdkit==2.1.5  # the real ldm classes; its own pins are not ours
 
 # The wheelhouse: every pin of the WebUI (no dependencies, as the WebUI installs them) plus what our
 # requirements resolve to on their own, newest first, so the install test would see any upgrade pip wants.

@@ -1,0 +1,149 @@
+"""LoRA/LoCon modules on the real ldm UNetModel (tiny, in SD1's block structure) and a real HF CLIP
+text encoder: kohya's module set and names, exact detach, training touches only the network."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from lora_trainer_ext.errors import LoraMakerError
+from lora_trainer_ext.host import SD1, SDXL
+from lora_trainer_ext.network import Network, NetworkConfig
+
+pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
+
+
+def tiny_sd1_unet() -> torch.nn.Module:
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    torch.manual_seed(0)
+    # SD1's structure (4 levels, attention on the first 3, 2 ResBlocks per level, 1x1 conv proj_in/out)
+    # at a tiny width: the module set, and so kohya's counts, are those of the real SD1.5 UNet.
+    unet = UNetModel(
+        image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[4, 2, 1],
+        num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_head_channels=8, use_spatial_transformer=True,
+        transformer_depth=1, context_dim=32, use_checkpoint=False, legacy=False,
+    ).eval()
+    for p in unet.parameters():  # ldm starts some output layers at zero: give every layer a say
+        if not p.abs().sum():
+            torch.nn.init.normal_(p, std=0.05)
+    return unet
+
+
+def tiny_clip():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(1)
+    config = CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=12,
+                            num_attention_heads=4, max_position_embeddings=77)
+    return CLIPTextModel(config).eval()
+
+
+def host(kind=SD1, with_te=True):
+    return types.SimpleNamespace(kind=kind, unet=tiny_sd1_unet(), text_encoders=[tiny_clip()] if with_te else [],
+                                 device=torch.device("cpu"))
+
+
+def run_unet(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    context = torch.randn(2, 77, 32, generator=g)
+    return unet(x, torch.tensor([10, 500]), context=context)
+
+
+def names(network):
+    return {lora.lora_name for part in network.parts for lora in part.lycoris.loras}
+
+
+def test_lora_and_locon_cover_kohyas_module_set():
+    h = host()
+    lora = Network(h, NetworkConfig("lora", dim=4, alpha=2), train_text_encoder=True)
+    unet_names = {n for n in names(lora) if n.startswith("lora_unet_")}
+    te_names = names(lora) - unet_names
+    # the counts of kohya's networks/lora.py on SD1.5: 192 UNet (16 transformers x 12), 72 TE (12 layers x 6)
+    assert len(unet_names) == 192 and len(te_names) == 72
+    assert "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q" in unet_names
+    assert "lora_unet_input_blocks_1_1_proj_in" in unet_names and "lora_unet_middle_block_1_proj_out" in unet_names
+    assert "lora_unet_output_blocks_11_1_transformer_blocks_0_ff_net_0_proj" in unet_names
+    assert "lora_te_text_model_encoder_layers_11_mlp_fc2" in te_names
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in te_names
+
+    locon = Network(host(with_te=False), NetworkConfig("locon", dim=4, alpha=2, conv_dim=2, conv_alpha=1))
+    locon_names = names(locon)
+    assert len(locon_names) == 278  # + 22 ResBlocks x 3, 14 shortcuts, 3 downsamplers, 3 upsamplers
+    for expected in ["lora_unet_input_blocks_1_0_in_layers_2", "lora_unet_input_blocks_1_0_emb_layers_1",
+                     "lora_unet_input_blocks_4_0_skip_connection", "lora_unet_input_blocks_3_0_op",
+                     "lora_unet_output_blocks_2_1_conv", "lora_unet_output_blocks_5_2_conv"]:
+        assert expected in locon_names
+    ranks = {lora.lora_name: lora.lora_dim for lora in locon.unet.lycoris.loras}
+    assert ranks["lora_unet_input_blocks_1_0_in_layers_2"] == 2  # 3x3 conv: conv_dim
+    assert ranks["lora_unet_input_blocks_4_0_skip_connection"] == 4  # 1x1 conv: the linear rank, as kohya
+
+
+def test_attach_is_a_no_op_at_start_and_detach_leaves_no_trace():
+    h = host()
+    before_out = run_unet(h.unet)
+    before_dicts = {name: set(m.__dict__) for name, m in h.unet.named_modules()}
+    network = Network(h, NetworkConfig("locon", dim=4, alpha=4, conv_dim=4, conv_alpha=4), train_text_encoder=True)
+    network.attach()
+    assert torch.allclose(run_unet(h.unet), before_out)  # lora_up starts at zero
+    for p in network.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    assert not torch.allclose(run_unet(h.unet), before_out)
+    network.detach()
+    assert torch.equal(run_unet(h.unet), before_out)
+    assert {name: set(m.__dict__) for name, m in h.unet.named_modules()} == before_dicts
+    assert not any(isinstance(m, torch.nn.Module) and "lora" in type(m).__module__ for m in h.unet.modules())
+
+
+def test_training_moves_only_the_network_and_tensors_export_by_path():
+    h = host(with_te=False)
+    h.unet.requires_grad_(False)
+    frozen = {k: v.clone() for k, v in h.unet.state_dict().items()}
+    network = Network(h, NetworkConfig("lora", dim=4, alpha=2))
+    network.attach()
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-2)
+    target = torch.zeros(2, 4, 8, 8)
+    losses = []
+    for _ in range(5):
+        loss = torch.nn.functional.mse_loss(run_unet(h.unet), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    network.detach()
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(frozen[k], v) for k, v in h.unet.state_dict().items())
+
+    tensors = network.lora_tensors()["lora_unet"]
+    assert len(tensors) == 192
+    layer = tensors["input_blocks.1.1.transformer_blocks.0.attn1.to_q"]
+    assert set(layer) == {"lora_down.weight", "lora_up.weight", "alpha"}
+    assert layer["lora_down.weight"].shape == (4, 32) and layer["lora_up.weight"].shape == (32, 4)
+    assert float(layer["alpha"]) == 2.0 and layer["lora_up.weight"].abs().sum() > 0
+
+
+def test_resume_state_round_trip_and_mismatch():
+    h = host(with_te=False)
+    a = Network(h, NetworkConfig("lora", dim=4, alpha=2))
+    for p in a.parameters():
+        torch.nn.init.normal_(p)
+    b = Network(h, NetworkConfig("lora", dim=4, alpha=2))
+    b.load_state_dict(a.state_dict())
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    with pytest.raises(LoraMakerError, match="does not fit"):
+        Network(h, NetworkConfig("lora", dim=8, alpha=2)).load_state_dict(a.state_dict())
+
+
+def test_bad_requests_are_refused():
+    with pytest.raises(LoraMakerError, match="unknown network"):
+        Network(host(), NetworkConfig("loha"))
+    with pytest.raises(LoraMakerError, match="SDXL"):
+        Network(host(kind=SDXL), NetworkConfig(), train_text_encoder=True)
+    with pytest.raises(LoraMakerError, match="no trainable text encoder"):
+        Network(host(with_te=False), NetworkConfig(), train_text_encoder=True)
+    with pytest.raises(LoraMakerError, match="no layers to train"):
+        Network(types.SimpleNamespace(kind=SD1, unet=torch.nn.Linear(2, 2), text_encoders=[], device=torch.device("cpu")),
+                NetworkConfig())
