@@ -48,7 +48,7 @@ def host(kind=SD1, with_te=True):
 
 def run_unet(unet, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 4, 8, 8, generator=g)
+    x = torch.randn(2, 4, 16, 16, generator=g)  # 2x2 at the deepest level, so self-attention has a say
     context = torch.randn(2, 77, 32, generator=g)
     return unet(x, torch.tensor([10, 500]), context=context)
 
@@ -105,7 +105,7 @@ def test_training_moves_only_the_network_and_tensors_export_by_path():
     network = Network(h, NetworkConfig("lora", dim=4, alpha=2))
     network.attach()
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-2)
-    target = torch.zeros(2, 4, 8, 8)
+    target = torch.zeros(2, 4, 16, 16)
     losses = []
     for _ in range(5):
         loss = torch.nn.functional.mse_loss(run_unet(h.unet), target)
