@@ -182,17 +182,19 @@ class Network:
         for part in self.parts:
             part.lycoris.train(mode)
 
-    def lora_tensors(self) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
-        """{prefix: {dotted layer path: {"lora_down.weight", "lora_up.weight", "alpha"}}}, detached
-        fp32 copies on the CPU: what `lora_file` renames and saves."""
-        out: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    def module_paths(self) -> dict[str, str]:
+        """{kohya module name: dotted path of the wrapped layer in its model}, for `lora_file`."""
+        return {name: path for part in self.parts for name, path in part.paths.items()}
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """`<module name>.lora_down.weight` / `.lora_up.weight` / `.alpha`: detached fp32 CPU copies
+        of what a LoRA file holds (`lora_file.to_output_names` renames them for saving)."""
+        out = {}
         for part in self.parts:
-            layers = out.setdefault(part.prefix, {})
             for lora in part.lycoris.loras:
                 tensors = lora.custom_state_dict()
-                layers[part.paths[lora.lora_name]] = {
-                    key: tensors[key].detach().float().cpu().clone() for key in ("lora_down.weight", "lora_up.weight", "alpha")
-                }
+                for key in ("lora_down.weight", "lora_up.weight", "alpha"):
+                    out[f"{lora.lora_name}.{key}"] = tensors[key].detach().float().cpu().clone()
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -117,12 +117,13 @@ def test_training_moves_only_the_network_and_tensors_export_by_path():
     assert losses[-1] < losses[0]
     assert all(torch.equal(frozen[k], v) for k, v in h.unet.state_dict().items())
 
-    tensors = network.lora_tensors()["lora_unet"]
-    assert len(tensors) == 192
-    layer = tensors["input_blocks.1.1.transformer_blocks.0.attn1.to_q"]
-    assert set(layer) == {"lora_down.weight", "lora_up.weight", "alpha"}
-    assert layer["lora_down.weight"].shape == (4, 32) and layer["lora_up.weight"].shape == (32, 4)
-    assert float(layer["alpha"]) == 2.0 and layer["lora_up.weight"].abs().sum() > 0
+    tensors = network.lora_state_dict()
+    paths = network.module_paths()
+    assert len(paths) == 192 and len(tensors) == 3 * 192
+    name = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
+    assert paths[name] == "input_blocks.1.1.transformer_blocks.0.attn1.to_q"
+    assert tensors[f"{name}.lora_down.weight"].shape == (4, 32) and tensors[f"{name}.lora_up.weight"].shape == (32, 4)
+    assert float(tensors[f"{name}.alpha"]) == 2.0 and tensors[f"{name}.lora_up.weight"].abs().sum() > 0
 
 
 def test_resume_state_round_trip_and_mismatch():
