@@ -106,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("report", "check the dataset: missing captions, corrupt files, resolution and aspect spread")
 
+    p = command("train", "train a LoRA (or LoCon) on a checkpoint file with the project's dataset")
+    p.add_argument("--checkpoint", type=Path, required=True, metavar="FILE", help="the model: an SD1, SD2 or SDXL .safetensors/.ckpt")
+    p.add_argument("--model-config", type=Path, metavar="YAML", help="its ldm config (default: the .yaml beside it, else by model type)")
+    p.add_argument("--lora-dir", type=Path, metavar="DIR", help="where the LoRA files go (default: the WebUI's models/Lora/PROJECT, or PROJECT/output)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                   help="a training setting, e.g. --set epochs=4 --set network=locon --set dim=8 (repeatable; "
+                        "see the project's settings.json 'train' section for every name)")
+    p.add_argument("--resume", action="store_true", help="continue the last stopped or interrupted run")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+
     p = command("trash", "list the trash, or restore images from it")
     p.add_argument("--restore", nargs="*", metavar="NAME", help="restore these trashed files (all when no name given)")
 
@@ -239,6 +249,49 @@ def cmd_tags(args, project_of) -> None:
         activation = curate.activation_tags(project)
         if activation:
             _say(f"activation tags: {', '.join(activation)} (keep_tokens {len(activation)})")
+
+
+def cmd_train(args, project_of) -> None:
+    import torch
+
+    from . import train_settings
+    from .paths import default_lora_dir
+    from .standalone import load_checkpoint
+    from .trainer import Control, train
+
+    project = project_of()
+    settings = train_settings.load(project).replace(**train_settings.parse_set(args.settings))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    lora_dir = args.lora_dir or default_lora_dir(project.name, project.root)
+    host = load_checkpoint(args.checkpoint, args.model_config, device=device, dtype=dtype)
+    progress = _progress()
+    bar = None
+
+    def show(status) -> None:
+        nonlocal bar
+        if status.phase != "training":
+            if status.message or status.phase not in ("done", "saving"):
+                _say(status.message or f"{status.phase}...")
+            return
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=status.total_steps, initial=status.step - 1, unit="step", dynamic_ncols=True, disable=None)
+        bar.set_postfix_str(f"epoch {status.epoch}/{status.epochs} loss {status.loss:.4f} lr {status.lr:.2e}", refresh=False)
+        bar.update(1)
+
+    try:
+        result = train(project, host, settings, lora_dir, resume=args.resume, control=Control(), on_status=show,
+                       progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    _say(*[f"saved {path}" for path in result.files])
+    if result.stopped:
+        _say(f"stopped after {result.steps} steps; continue with: train {project.name} --resume")
+    else:
+        _say(f"done: {result.steps} steps; loss log {result.loss_log}")
 
 
 def cmd_report(args, project_of) -> None:

@@ -197,6 +197,16 @@ class Network:
                     out[f"{lora.lora_name}.{key}"] = tensors[key].detach().float().cpu().clone()
         return out
 
+    def load_lora_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set the weights from `lora_state_dict` form (a saved file's tensors renamed back with
+        `lora_file.from_output_names`); every module of the network must be there."""
+        for part in self.parts:
+            names = {lora.lora_name for lora in part.lycoris.loras}
+            mine = {k: v for k, v in tensors.items() if k.split(".", 1)[0] in names}
+            if {k.split(".", 1)[0] for k in mine} != names:
+                raise LoraMakerError("the LoRA file does not fit this network (different network type, rank or model)")
+            part.lycoris.load_state_dict(mine, strict=False)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable state for resuming (lycoris' own names)."""
         return {f"{part.prefix}/{k}": v for part in self.parts for k, v in part.lycoris.state_dict().items()}

@@ -53,3 +53,12 @@ def default_projects_root() -> Path:
 def default_model_cache() -> Path:
     """`$LORA_MAKER_CACHE`, the WebUI setting, `<webui>/models/lora-maker`, or `~/.cache/lora-maker`."""
     return _default("LORA_MAKER_CACHE", OPT_MODEL_CACHE, "models/lora-maker", Path.home() / ".cache" / "lora-maker")
+
+
+def default_lora_dir(project_name: str, projects_root: Path) -> Path:
+    """Where a project's LoRA files go: the WebUI's Lora folder (a subfolder per project, so its
+    cards group them), or headless the project's own output/ folder."""
+    root = webui_root()
+    if root is not None:
+        return root / "models" / "Lora" / project_name
+    return Path(projects_root) / project_name / "output"

@@ -1,0 +1,212 @@
+"""The training loop end to end on the tiny SD1, SD2-v and SDXL hosts (real ldm classes, CPU): files
+written, loss falling on a fixed batch, stop and resume giving the same LoRA as an unbroken run, the
+host model given back untouched, and every bad input refused before the model is touched."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from conftest import add_image
+from tiny_hosts import make_checkpoint
+
+from lora_trainer_ext import lora_file, objective
+from lora_trainer_ext.errors import LoraMakerError
+from lora_trainer_ext.host import SD1, SD2, SDXL
+from lora_trainer_ext.network import Network, NetworkConfig
+from lora_trainer_ext.standalone import load_checkpoint
+from lora_trainer_ext.train_settings import TrainSettings
+from lora_trainer_ext.trainer import Control, state_dir, train
+from lora_trainer_ext.training_mode import parameter_fingerprint
+
+pytestmark = pytest.mark.timeout(300)
+
+FAST = dict(resolution=64, min_bucket=64, max_bucket=128, bucket_step=64, repeats=2, epochs=2, batch_size=2,
+            dim=4, alpha=4, conv_dim=2, conv_alpha=2, mixed_precision="no", unet_lr=1e-3, text_encoder_lr=1e-4,
+            lr_scheduler="constant", min_snr_gamma=0.0, save_every_n_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    return {
+        SD1: make_checkpoint(folder / "sd1", SD1),
+        SD2: make_checkpoint(folder / "sd2v", SD2, v_prediction=True),
+        SDXL: make_checkpoint(folder / "sdxl", SDXL),
+    }
+
+
+@pytest.fixture
+def dataset(project):
+    captions = ["mychar, 1girl, red hair, smile", "mychar, 1girl, blue eyes", "mychar, cat, outdoors",
+                "mychar, 1girl, sitting, dress"]
+    sizes = [(64, 64), (64, 64), (96, 64), (64, 96)]
+    for i, (caption, size) in enumerate(zip(captions, sizes)):
+        add_image(project, f"{i}.png", caption, size=size, seed=i)
+    project.update_settings(dataset={"activation_tags": ["mychar"], "keep_tokens": 1})
+    return project
+
+
+def settings(**changes) -> TrainSettings:
+    return TrainSettings.from_dict({**FAST, **changes})
+
+
+def test_sd1_run_writes_epochs_final_card_log_and_restores_the_model(dataset, checkpoints, tmp_path):
+    host = load_checkpoint(checkpoints[SD1])
+    before = parameter_fingerprint(host)
+    statuses = []
+    result = train(dataset, host, settings(), tmp_path / "lora", on_status=statuses.append)
+
+    assert [p.name for p in result.files] == ["demo-000001.safetensors", "demo.safetensors"]
+    assert result.final == tmp_path / "lora" / "demo.safetensors" and not result.stopped
+    phases = [s.phase for s in statuses]
+    assert phases[0] == "plan" and "4 images x 2 repeats x 2 epochs / batch 2" in statuses[0].message
+    training = [s for s in statuses if s.phase == "training"]
+    assert [s.step for s in training] == list(range(1, result.steps + 1)) and training[-1].epoch == 2
+    assert all(s.loss is not None and s.lr == 1e-3 and s.it_per_s for s in training)
+
+    tensors, meta = lora_file.read_lora(result.final)
+    assert meta["ss_output_name"] == "demo" and meta["ss_epoch"] == "2" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["ss_sd_model_name"] == checkpoints[SD1].name and meta["modelspec.trigger_phrase"] == "mychar"
+    assert '"mychar": 4' in meta["ss_tag_frequency"]
+    assert any(k.startswith("lora_te_") for k in tensors) and any(k.startswith("lora_unet_down_blocks_") for k in tensors)
+    assert all(t.dtype == torch.float16 for t in tensors.values())
+    card = lora_file.card_path(result.final).read_text(encoding="utf-8")
+    assert '"activation text": "mychar"' in card and '"sd version": "SD1"' in card
+
+    rows = list(csv.DictReader(open(result.loss_log, encoding="utf-8")))
+    assert len(rows) == result.steps == 8  # (2 buckets of 2 + 2 single images) x 2 repeats / 2 = 4 per epoch
+    assert parameter_fingerprint(host) == before
+    assert not any(p.requires_grad for p in host.unet.parameters())
+    assert all("forward" not in m.__dict__ for m in host.unet.modules())
+
+
+def fixed_batch_loss(host, network, latents, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.tensor([100, 300, 500, 700])[: len(latents)]
+    noisy = objective.add_noise(latents, noise, t, host.alphas_cumprod)
+    with torch.no_grad():
+        if network:
+            network.attach()
+        try:
+            cond = host.conditioning(["mychar, 1girl, red hair, smile"] * len(latents))
+            pred = host.apply_model(noisy, t, cond)
+        finally:
+            if network:
+                network.detach()
+    return float(objective.loss(pred, objective.target(latents, noise, t, host.alphas_cumprod, host.parameterization)))
+
+
+def test_loss_falls_on_a_fixed_batch(project, checkpoints, tmp_path):
+    add_image(project, "only.png", "mychar, 1girl, red hair, smile", size=(64, 64), seed=7)
+    host = load_checkpoint(checkpoints[SD1])
+    result = train(project, host, settings(repeats=80, epochs=1, batch_size=4, unet_lr=1e-2, text_encoder_lr=0, network="locon",
+                                           shuffle_tags=False), tmp_path / "lora")
+    from lora_trainer_ext.train_data import TrainData
+
+    data = TrainData.from_project(project, settings().resolved(SD1, project), SD1)
+    with torch.no_grad():
+        latents = host.encode_images(data.pixels(0)[0].unsqueeze(0)).repeat(4, 1, 1, 1)
+    network = Network(host, NetworkConfig("locon", 4, 4, 2, 2))
+    tensors, _ = lora_file.read_lora(result.final)
+    network.load_lora_state_dict(lora_file.from_output_names(
+        {k: v.float() for k, v in tensors.items()}, SD1, network.module_paths()))
+    base = fixed_batch_loss(host, None, latents)
+    trained = fixed_batch_loss(host, network, latents)
+    assert trained < 0.8 * base
+
+
+def test_stop_then_resume_equals_an_unbroken_run(dataset, checkpoints, tmp_path):
+    unbroken = train(dataset, load_checkpoint(checkpoints[SD1]), settings(), tmp_path / "a", name="run")
+
+    control = Control()
+    host = load_checkpoint(checkpoints[SD1])
+    stopped = train(dataset, host, settings(), tmp_path / "b", name="run", control=control,
+                    on_status=lambda s: s.phase == "training" and s.step == 3 and control.stop())
+    assert stopped.stopped and stopped.steps == 3 and stopped.final is None
+    assert (state_dir(dataset) / "state.pt").is_file()
+    resumed = train(dataset, host, settings(), tmp_path / "b", name="run", resume=True)
+    assert resumed.steps == unbroken.steps and not resumed.stopped
+
+    a, _ = lora_file.read_lora(unbroken.final)
+    b, _ = lora_file.read_lora(resumed.final)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a resume with other settings is refused
+    with pytest.raises(LoraMakerError, match="other settings"):
+        train(dataset, host, settings(dim=8), tmp_path / "b", name="run", resume=True)
+
+
+def test_stop_and_save_and_save_now(dataset, checkpoints, tmp_path):
+    control = Control()
+
+    def steer(status):
+        if status.phase == "training" and status.step == 2:
+            control.save_now()
+        if status.phase == "training" and status.step == 5:
+            control.stop(save=True)
+
+    result = train(dataset, load_checkpoint(checkpoints[SD1]), settings(), tmp_path / "lora", control=control,
+                   on_status=steer)
+    assert [p.name for p in result.files] == ["demo-step00000002.safetensors", "demo-000001.safetensors",
+                                              "demo-step00000005.safetensors"]
+    assert result.stopped and result.steps == 5
+
+
+def test_an_error_mid_training_leaves_the_model_as_it_was(dataset, checkpoints, tmp_path):
+    host = load_checkpoint(checkpoints[SD2])  # use_checkpoint: True in its yaml
+    before = parameter_fingerprint(host)
+    flags = [(n, m.checkpoint) for n, m in host.unet.named_modules() if hasattr(m, "checkpoint")]
+
+    def boom(status):
+        if status.phase == "training" and status.step == 2:
+            raise RuntimeError("CUDA out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(dataset, host, settings(), tmp_path / "lora", on_status=boom)
+    assert parameter_fingerprint(host) == before
+    assert [(n, m.checkpoint) for n, m in host.unet.named_modules() if hasattr(m, "checkpoint")] == flags
+    assert all("forward" not in m.__dict__ for m in host.unet.modules())
+
+
+@pytest.mark.parametrize("kind, version", [(SD2, "sd_v2_v"), (SDXL, "sdxl_base_v1-0")])
+def test_sd2_v_and_sdxl_locon(dataset, checkpoints, tmp_path, kind, version):
+    host = load_checkpoint(checkpoints[kind])
+    result = train(dataset, host, settings(network="locon", epochs=1, resolution=64), tmp_path / "lora")
+    tensors, meta = lora_file.read_lora(result.final)
+    assert meta["ss_base_model_version"] == version
+    assert meta["ss_network_args"] == '{"conv_dim": "2", "conv_alpha": "2.0"}'
+    unet_keys = [k for k in tensors if k.startswith("lora_unet_")]
+    assert any("_in_layers_2." in k or "_resnets_0_conv1." in k for k in unet_keys)  # LoCon reached the ResBlocks
+    if kind == SDXL:
+        assert not any(k.startswith("lora_te") for k in tensors)  # SDXL trains the UNet only
+        assert any(k.startswith("lora_unet_input_blocks_") for k in unet_keys)
+
+
+def test_bad_input_is_refused_before_the_model_is_touched(project, checkpoints, tmp_path):
+    host = load_checkpoint(checkpoints[SD1])
+    with pytest.raises(LoraMakerError, match="no images"):
+        train(project, host, settings(), tmp_path / "lora")
+    add_image(project, "a.png", "x", size=(64, 64))
+    add_image(project, "b.png", size=(64, 64), seed=1)
+    with pytest.raises(LoraMakerError, match="b.png"):
+        train(project, host, settings(), tmp_path / "lora")
+    (project.dataset_dir / "b.txt").write_text("y", encoding="utf-8")
+    with pytest.raises(LoraMakerError, match="dim"):
+        train(project, host, settings(dim=0), tmp_path / "lora")
+    with pytest.raises(LoraMakerError, match="resume"):
+        train(project, host, settings(), tmp_path / "lora", resume=True)
+    assert not (tmp_path / "lora").exists() or not any((tmp_path / "lora").iterdir())
+
+
+def test_cli_train_and_resume(dataset, checkpoints, tmp_path):
+    from test_cli import fails, ok, run
+
+    sets = [arg for key, value in FAST.items() for arg in ("--set", f"{key}={value}")]
+    common = ["train", "demo", "--checkpoint", str(checkpoints[SD1]), "--lora-dir", str(tmp_path / "out"), *sets]
+    out = ok(run(*common, "--set", "epochs=1", root=dataset.root))
+    assert "4 images x 2 repeats x 1 epochs / batch 2 = 4 steps" in out and "below the guide's 250-1000" in out
+    assert (tmp_path / "out" / "demo.safetensors").is_file() and "done: 4 steps" in out
+    fails(run(*common, "--set", "epoch=3", root=dataset.root), "epoch", "epochs")  # a typo: did you mean
+    fails(run("train", "demo", "--checkpoint", str(tmp_path / "missing.safetensors"), root=dataset.root), "missing.safetensors")
