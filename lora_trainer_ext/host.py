@@ -35,6 +35,7 @@ class Host(Protocol):
     dtype: torch.dtype  # the dtype of the frozen UNet weights
     unet: torch.nn.Module  # the ldm/sgm `UNetModel` (`model.diffusion_model`): names follow ldm
     text_encoders: list[torch.nn.Module]  # HF CLIPTextModel(s) that a text-encoder LoRA may wrap ([] if none)
+    vae: torch.nn.Module  # used by encode_images; the trainer moves it off the GPU once latents are cached
     alphas_cumprod: torch.Tensor  # float32 [T], the training noise schedule (the original, not the halved one)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,7 @@ class Status:
     it_per_s: float | None = None
     eta_s: float | None = None
     message: str = ""  # what to tell the user at a phase change (the step arithmetic, its warnings)
+    peak_memory_gb: float | None = None  # the GPU's peak allocation so far (None on the CPU)
 
 
 @dataclass
@@ -128,6 +129,23 @@ def _clip_skip(host: Host, clip_skip: int | None):
         yield
     finally:
         host.clip_skip = before
+
+
+@contextlib.contextmanager
+def _vae_off_the_gpu(host: Host):
+    """Once the latents are cached the VAE has nothing to do: free its GPU memory for the training
+    (as sd-scripts does) and put it back where it was afterwards."""
+    vae = getattr(host, "vae", None)
+    device = next(vae.parameters()).device if vae is not None and any(True for _ in vae.parameters()) else None
+    if device is None or device.type != "cuda":
+        yield
+        return
+    vae.to("cpu")
+    torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        vae.to(device)
 
 
 def cache_latents(host: Host, data: TrainData, progress: Progress, disk: Path | None = None) -> dict:
@@ -245,6 +263,8 @@ class _Trainer:
     # ---- the loop ----
 
     def status(self, phase: str, **values) -> None:
+        if self.host.device.type == "cuda":
+            values["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.host.device) / 2**30
         self.on_status(Status(phase, total_steps=self.total_steps, epochs=self.epochs, **values))
 
     def run(self, resume: bool) -> Result:
@@ -264,7 +284,8 @@ class _Trainer:
             self.network = Network(self.host, config, train_text_encoder=self.train_te)
             self.network.attach()
             try:
-                return self._loop(resume)
+                with _vae_off_the_gpu(self.host):
+                    return self._loop(resume)
             except KeyboardInterrupt:  # Ctrl-C or the WebUI's interrupt: keep what was learned
                 if getattr(self, "position", None):
                     self.save_state(*self.position)

@@ -210,3 +210,13 @@ def test_cli_train_and_resume(dataset, checkpoints, tmp_path):
     assert (tmp_path / "out" / "demo.safetensors").is_file() and "done: 4 steps" in out
     fails(run(*common, "--set", "epoch=3", root=dataset.root), "epoch", "epochs")  # a typo: did you mean
     fails(run("train", "demo", "--checkpoint", str(tmp_path / "missing.safetensors"), root=dataset.root), "missing.safetensors")
+
+
+@pytest.mark.parametrize("optimizer, lr", [("AdamW8bit", 1e-3), ("Prodigy", 1.0)])
+def test_optional_optimizers(dataset, checkpoints, tmp_path, optimizer, lr):
+    result = train(dataset, load_checkpoint(checkpoints[SD1]), settings(optimizer=optimizer, unet_lr=lr, text_encoder_lr=lr,
+                                                                        epochs=1), tmp_path / "lora")
+    tensors, meta = lora_file.read_lora(result.final)
+    assert meta["ss_optimizer"] == optimizer
+    ups = [t for k, t in tensors.items() if k.endswith("lora_up.weight")]
+    assert all(torch.isfinite(t).all() for t in ups) and sum(float(t.abs().sum()) for t in ups) > 0
