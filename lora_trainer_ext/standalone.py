@@ -659,6 +659,27 @@ def guess_v_prediction(unet: torch.nn.Module, last_timestep: int = 999) -> bool:
     return (out.float() - x.float()).mean().item() < -1
 
 
+def require_ldm() -> None:
+    """Make the WebUI's `ldm` package importable: in a WebUI folder it sits in repositories/ (the
+    WebUI adds that to sys.path when it starts; the CLI does it here)."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("ldm") is not None:
+        return
+    from .paths import webui_root
+
+    root = webui_root()
+    repository = root / "repositories" / "stable-diffusion-stability-ai" if root else None
+    if repository is not None and (repository / "ldm").is_dir():
+        sys.path.insert(0, str(repository))
+        return
+    raise LoraMakerError(
+        "training needs the WebUI's `ldm` model classes: run the CLI with the WebUI's Python from its folder "
+        "(after the WebUI has started once), or install them: pip install --no-deps stable-diffusion-sdkit"
+    )
+
+
 def load_checkpoint(path, config=None, device="cpu", dtype=torch.float32, *, clip_skip: int = 1,
                     attention: str = "sdp") -> StandaloneHost:
     """Load an SD 1.x/2.x/XL checkpoint (.safetensors, or .ckpt weights-only) as a StandaloneHost.
@@ -668,6 +689,7 @@ def load_checkpoint(path, config=None, device="cpu", dtype=torch.float32, *, cli
     float32. `attention`: "sdp" (torch's fused attention) or "ldm" (ldm's own einsum attention)."""
     if attention not in ("sdp", "ldm"):
         raise ValueError(f"attention must be 'sdp' or 'ldm', not {attention!r}")
+    require_ldm()
     path = Path(path)
     if path.is_dir():
         raise LoraMakerError(f"{path} is a folder: give a checkpoint file (.safetensors or .ckpt) in the WebUI's "
