@@ -1,0 +1,150 @@
+"""The model the WebUI (A1111 1.10.x) has loaded, as a training `Host` (lora_trainer_ext/host.py).
+
+Training uses the WebUI's own objects and prompt path, so it sees what txt2img sees: ldm
+`LatentDiffusion` for SD1/2, sgm `DiffusionEngine` for SDXL (webui-host.md §2). What cannot be trained
+in place is refused before anything changes; `training_session` takes the WebUI's LoRAs and
+hypernetworks out of the weights first (they are merged in place) so the LoRA learns against the bare
+checkpoint, and SDXL's size conditioning is built per image, as sd-scripts does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ..errors import LoraMakerError
+from ..host import SD1, SD2, SDXL, SizeInfo
+
+
+def check_trainable(sd_model) -> str:
+    """The model's kind, or LoraMakerError saying why the WebUI's model cannot be trained in place."""
+    from modules import devices, shared
+
+    if importlib.util.find_spec("modules_forge") is not None or hasattr(sd_model, "forge_objects"):
+        raise LoraMakerError("training on Forge's loaded model is not supported: use the AUTOMATIC1111 WebUI, or the CLI")
+    if not isinstance(sd_model, torch.nn.Module):
+        raise LoraMakerError("no Stable Diffusion model is loaded: pick a checkpoint in the WebUI first")
+    if getattr(shared.cmd_opts, "lowvram", False):
+        raise LoraMakerError("--lowvram moves the model block by block and cannot train: restart the WebUI without it")
+    if getattr(sd_model, "lowvram", False):
+        raise LoraMakerError(
+            "--medvram (or --medvram-sdxl for this SDXL model) swaps the model in and out of the GPU while it "
+            "runs, which breaks training: restart the WebUI without it"
+        )
+    from modules import sd_unet
+
+    if sd_unet.current_unet is not None:
+        raise LoraMakerError("a custom UNet (e.g. TensorRT) is active: set Settings > SD Unet to None to train")
+    if getattr(devices, "fp8", False):
+        raise LoraMakerError("the model's weights are stored in fp8: turn off Settings > Optimizations > FP8 weight to train")
+    for flag, name in (("is_sd3", "SD3"), ("is_sdxl_inpaint", "SDXL inpainting"), ("is_ssd", "SSD-1B")):
+        if getattr(sd_model, flag, False):
+            raise LoraMakerError(f"{name} models can't be trained here: load an SD 1.x, 2.x or SDXL base checkpoint")
+    if getattr(getattr(sd_model, "model", None), "conditioning_key", "crossattn") != "crossattn":
+        raise LoraMakerError("inpainting and other conditioned models can't be trained: load a base checkpoint")
+    return SDXL if getattr(sd_model, "is_sdxl", False) else SD2 if getattr(sd_model, "is_sd2", False) else SD1
+
+
+class WebuiHost:
+    """`Host` over `shared.sd_model`. Text-encoder LoRAs: SD1's HF CLIP only (SD2's OpenCLIP fuses q/k/v,
+    which the LoRA file format cannot address; SDXL trains the UNet)."""
+
+    def __init__(self, sd_model=None):
+        from modules import devices, shared
+
+        self.sd_model = sd_model if sd_model is not None else shared.sd_model
+        self.kind = check_trainable(self.sd_model)
+        m = self.sd_model
+        self.parameterization = getattr(m, "parameterization", "eps")
+        info = getattr(m, "sd_checkpoint_info", None)
+        self.model_name = Path(info.filename).name if info is not None else "unknown"
+        self.model_hash = (getattr(info, "shorthash", None) or "") if info is not None else ""
+        self.device = devices.device
+        self.unet = m.model.diffusion_model
+        self.dtype = next(self.unet.parameters()).dtype
+        self.vae = m.first_stage_model
+        wrapped = getattr(m.cond_stage_model, "wrapped", None)
+        transformer = getattr(wrapped, "transformer", None) if self.kind == SD1 else None
+        self.text_encoders = [transformer] if isinstance(transformer, torch.nn.Module) else []
+        # The pristine fp32 schedule: `alphas_cumprod` itself may be overridden for sampling.
+        schedule = getattr(m, "alphas_cumprod_original", None)
+        self.alphas_cumprod = (schedule if schedule is not None else m.alphas_cumprod).detach().float().cpu()
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        m = self.sd_model
+        vae_dtype = next(self.vae.parameters()).dtype
+        # SDXL's VAE overflows in fp16 (NaN latents): encode in fp32 and put it back as it was.
+        upcast = self.kind == SDXL and vae_dtype == torch.float16
+        with torch.no_grad(), _vae_dtype(self.vae, torch.float32 if upcast else vae_dtype):
+            x = images.to(self.device, torch.float32 if upcast else vae_dtype)
+            return m.get_first_stage_encoding(m.encode_first_stage(x)).float()
+
+    def conditioning(self, captions: list[str], sizes: list[SizeInfo] | None = None) -> Any:
+        m = self.sd_model
+        if self.kind != SDXL:
+            return m.get_learned_conditioning(captions)  # the WebUI's prompt path: chunks, emphasis, clip skip
+        if sizes is None:
+            raise ValueError("SDXL conditioning needs each image's sizes")
+
+        def pairs(values):
+            return torch.tensor(values, device=self.device, dtype=torch.float32)
+
+        batch = {
+            "txt": captions,
+            "original_size_as_tuple": pairs([s.original for s in sizes]),
+            "crop_coords_top_left": pairs([s.crop_top_left for s in sizes]),
+            "target_size_as_tuple": pairs([s.target for s in sizes]),
+            "aesthetic_score": pairs([[6.0]] * len(captions)),  # read by the refiner only
+        }
+        for embedder in m.conditioner.embedders:
+            embedder.ucg_rate = 0.0
+        return m.conditioner(batch)
+
+    def apply_model(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Any) -> torch.Tensor:
+        # The WebUI's patched apply_model casts to the UNet's dtype under its autocast.
+        return self.sd_model.apply_model(latents, timesteps, cond).float()
+
+
+@contextlib.contextmanager
+def _vae_dtype(vae: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    before = next(vae.parameters()).dtype
+    if before == dtype:
+        yield
+        return
+    vae.to(dtype)
+    try:
+        yield
+    finally:
+        vae.to(before)
+
+
+@contextlib.contextmanager
+def training_session(host: WebuiHost) -> Iterator[None]:
+    """The WebUI side of a training run: its LoRAs and hypernetworks unmerged from the weights for the
+    run (prompts re-apply them at the next generation), and its memory freed afterwards."""
+    from modules import devices, shared
+
+    networks = _networks()
+    if networks is not None:
+        networks.load_networks([])
+        with torch.no_grad():  # as at inference, where the WebUI does this itself
+            for module in host.sd_model.modules():
+                if getattr(module, "network_current_names", ()):
+                    networks.network_apply_weights(module)  # no networks wanted: restores the backed-up weights
+    hypernetworks, shared.loaded_hypernetworks = list(getattr(shared, "loaded_hypernetworks", [])), []
+    try:
+        yield
+    finally:
+        shared.loaded_hypernetworks = hypernetworks
+        devices.torch_gc()
+
+
+def _networks():
+    """The built-in Lora extension's `networks` module, once its scripts are loaded (None without it)."""
+    import sys
+
+    return sys.modules.get("networks")

@@ -1,0 +1,55 @@
+"""Training on a real WebUI's loaded model, in its own Python: skipped unless a WebUI 1.10.x folder
+and its Python are given (LORA_MAKER_WEBUI_DIR, LORA_MAKER_WEBUI_PYTHON; optional
+LORA_MAKER_WEBUI_CHECKPOINT, a small SD1 checkpoint in its models/Stable-diffusion; extra environment
+for the WebUI, e.g. an offline HF cache, is inherited)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+WEBUI = os.environ.get("LORA_MAKER_WEBUI_DIR")
+PYTHON = os.environ.get("LORA_MAKER_WEBUI_PYTHON")
+pytestmark = [
+    pytest.mark.skipif(not (WEBUI and PYTHON), reason="no WebUI given (LORA_MAKER_WEBUI_DIR, LORA_MAKER_WEBUI_PYTHON)"),
+    pytest.mark.timeout(900),
+]
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    # What the WebUI does for an extension at start: our install.py in its Python, from its folder.
+    install = subprocess.run([PYTHON, str(REPO / "install.py")], cwd=WEBUI, capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stdout + install.stderr
+    checkpoint = os.environ.get("LORA_MAKER_WEBUI_CHECKPOINT", "models/Stable-diffusion/tiny-sd1-blocks.safetensors")
+    folder = tmp_path_factory.mktemp("webui")
+    result = folder / "result.json"
+    run = subprocess.run([PYTHON, str(REPO / "tests" / "webui_session.py"), str(REPO), str(folder / "projects"),
+                          checkpoint, str(result)], cwd=WEBUI, capture_output=True, text=True, timeout=840)
+    assert run.returncode == 0 and result.is_file(), run.stdout[-3000:] + run.stderr[-3000:]
+    return json.loads(result.read_text(encoding="utf-8"))
+
+
+def test_trains_on_the_loaded_model_and_gives_it_back_exactly(session):
+    assert session["kind"] == "sd1"
+    assert session["merged_changed_weights"] and session["image_merged"] != session["image_base"]
+    assert session["unmerged_for_training"]  # the user's merged LoRA was taken out before training
+    assert session["weights_unchanged_after_training"] and session["forwards_restored"]
+    assert session["image_after"] == session["image_base"]  # the same picture as before any of this
+    assert session["files"] == ["lm-trained-000001.safetensors", "lm-trained.safetensors"] and session["steps"] == 8  # 4 images x 2 repeats x 2 epochs / 2
+
+
+def test_the_trained_lora_loads_in_the_webui(session):
+    assert session["image_trained"] != session["image_base"]
+    assert session["ss_sd_model_name"].endswith(".safetensors")
+
+
+def test_what_cannot_train_in_place_is_refused(session):
+    assert "--lowvram" in session["lowvram_refused"]
+    assert "--medvram" in session["medvram_refused"]
+    assert "SD Unet" in session["custom_unet_refused"]

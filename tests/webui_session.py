@@ -1,0 +1,128 @@
+"""Run inside a real WebUI 1.10.x's Python, from its folder (tests/test_webui_host.py starts it):
+brings the WebUI up in-process as webui.py does, then trains on its loaded model through
+`lora_trainer_ext.webui.host` and writes its findings as JSON for the test to check.
+
+    python webui_session.py REPO PROJECTS_ROOT CHECKPOINT RESULT_JSON
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+FLAGS = ["--skip-prepare-environment", "--skip-install", "--skip-version-check", "--use-cpu", "all", "--no-half",
+         "--precision", "full", "--no-download-sd-model", "--skip-load-model-at-start"]
+
+
+def start_webui(checkpoint: str):
+    sys.argv = [sys.argv[0], *FLAGS, "--ckpt", checkpoint]  # parsed by modules.shared_cmd_options on import
+    sys.path.insert(0, os.getcwd())
+    from modules import initialize
+
+    initialize.imports()
+    initialize.check_versions()
+    initialize.initialize()
+    from modules import script_callbacks, sd_models, shared
+
+    script_callbacks.before_ui_callback()  # the built-in Lora registers <lora:...> here
+    sd_models.load_model()
+    return shared.sd_model
+
+
+def render(prompt: str):
+    from modules import processing, shared
+
+    p = processing.StableDiffusionProcessingTxt2Img(
+        sd_model=shared.sd_model, prompt=prompt, steps=2, width=64, height=64, seed=1, sampler_name="Euler",
+        do_not_save_samples=True, do_not_save_grid=True)
+    image = processing.process_images(p).images[0]
+    return hashlib.sha256(image.tobytes()).hexdigest()
+
+
+def refresh_loras() -> None:
+    import networks
+
+    networks.list_available_networks()
+
+
+def main(repo: str, projects_root: str, checkpoint: str) -> dict:
+    sd_model = start_webui(checkpoint)
+    sys.path.insert(0, repo)
+    import torch
+    from PIL import Image
+
+    from lora_trainer_ext import lora_file
+    from lora_trainer_ext.errors import LoraMakerError
+    from lora_trainer_ext.network import Network, NetworkConfig
+    from lora_trainer_ext.project import Project
+    from lora_trainer_ext.train_settings import TrainSettings
+    from lora_trainer_ext.trainer import train
+    from lora_trainer_ext.training_mode import parameter_fingerprint
+    from lora_trainer_ext.webui.host import WebuiHost, training_session
+    from modules import shared
+
+    found: dict = {"kind": None}
+    lora_dir = os.path.join(shared.cmd_opts.lora_dir, "lora-maker-test")
+    os.makedirs(lora_dir, exist_ok=True)
+    host = WebuiHost()
+    found["kind"] = host.kind
+    base = parameter_fingerprint(host)
+    found["image_base"] = render("a photo of a cat")
+
+    # A LoRA the user had in a prompt is merged into the weights in place.
+    torch.manual_seed(0)
+    network = Network(host, NetworkConfig("lora", 4, 4), train_text_encoder=True)
+    for p in network.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    tensors = lora_file.to_output_names(network.lora_state_dict(), host.kind, network.module_paths())
+    meta = lora_file.lora_metadata(host.kind, host.parameterization, lora_file.NetworkInfo(4, 4), {"output_name": "merged"})
+    lora_file.save_lora(os.path.join(lora_dir, "lm-merged.safetensors"), tensors, meta)
+    refresh_loras()
+    found["image_merged"] = render("a photo of a cat <lora:lm-merged:1>")
+    found["merged_changed_weights"] = parameter_fingerprint(host) != base
+
+    # Refusals come before anything changes.
+    from modules import sd_unet
+
+    for label, obj, attr, value in [("lowvram", shared.cmd_opts, "lowvram", True), ("medvram", sd_model, "lowvram", True),
+                                    ("custom_unet", sd_unet, "current_unet", object())]:
+        before = getattr(obj, attr)
+        setattr(obj, attr, value)
+        try:
+            WebuiHost()
+            found[f"{label}_refused"] = ""
+        except LoraMakerError as e:
+            found[f"{label}_refused"] = str(e)
+        setattr(obj, attr, before)
+
+    project = Project.open(projects_root, "webui-test", create=True)
+    for i, colour in enumerate(["red", "blue", "green", "white"]):
+        Image.new("RGB", (64, 64), colour).save(project.dataset_dir / f"{i}.png")
+        (project.dataset_dir / f"{i}.txt").write_text(f"mychar, {colour} background", encoding="utf-8")
+    settings = TrainSettings.from_dict({
+        "resolution": 64, "min_bucket": 64, "max_bucket": 128, "repeats": 2, "epochs": 2, "batch_size": 2, "dim": 4,
+        "alpha": 4, "unet_lr": 1e-3, "text_encoder_lr": 1e-4, "mixed_precision": "no", "lr_scheduler": "constant",
+        "min_snr_gamma": 0})
+    host = WebuiHost()
+    with training_session(host):
+        found["unmerged_for_training"] = parameter_fingerprint(host) == base
+        result = train(project, host, settings, lora_dir, name="lm-trained")
+        found["weights_unchanged_after_training"] = parameter_fingerprint(host) == base
+    found["files"] = [os.path.basename(p) for p in result.files]
+    found["steps"] = result.steps
+    found["forwards_restored"] = all("forward" not in m.__dict__ for m in host.unet.modules())
+    refresh_loras()
+    found["image_after"] = render("a photo of a cat")
+    found["image_trained"] = render("a photo of a cat <lora:lm-trained:1>")
+    _, meta = lora_file.read_lora(result.final)
+    found["ss_sd_model_name"] = meta.get("ss_sd_model_name")
+    return found
+
+
+if __name__ == "__main__":
+    repo, projects, checkpoint, result = sys.argv[1:5]  # read first: starting the WebUI replaces sys.argv
+    found = main(repo, projects, checkpoint)
+    with open(result, "w", encoding="utf-8") as f:  # a file: the WebUI takes over stdout's buffering
+        json.dump(found, f)
