@@ -262,6 +262,25 @@ class _Trainer:
 
     # ---- the loop ----
 
+    def _gpu_memory(self) -> str:
+        if self.host.device.type != "cuda":
+            return ""
+        free, total = torch.cuda.mem_get_info(self.host.device)
+        return f"GPU memory: {free / 2**30:.1f} GB free of {total / 2**30:.1f} GB"
+
+    def _out_of_memory(self) -> str:
+        s = self.settings
+        peak = torch.cuda.max_memory_allocated(self.host.device) / 2**30
+        advice = [f"batch_size={max(1, s.batch_size // 2)}"]
+        if not s.gradient_checkpointing:
+            advice.append("gradient_checkpointing=true")
+        if s.resolution > 512:
+            advice.append(f"resolution={s.resolution - 256}")
+        if s.optimizer == "AdamW":
+            advice.append("optimizer=AdamW8bit")
+        return (f"out of GPU memory (peak {peak:.1f} GB; {self._gpu_memory()}): try " + ", ".join(advice)
+                + ", or close other programs using the GPU")
+
     def status(self, phase: str, **values) -> None:
         if self.host.device.type == "cuda":
             values["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.host.device) / 2**30
@@ -272,7 +291,7 @@ class _Trainer:
         self.session_id = random.randint(0, 2**31)
         self.lora_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(s.seed)  # the network's initial weights
-        self.status("plan", message="\n".join([self.plan.render(), *self.plan.warnings]))
+        self.status("plan", message="\n".join(filter(None, [self.plan.render(), *self.plan.warnings, self._gpu_memory()])))
         with prepared_for_training(self.host, bool(s.gradient_checkpointing)), _clip_skip(self.host, s.clip_skip):
             self.status("caching latents")
             disk = None
@@ -286,6 +305,8 @@ class _Trainer:
             try:
                 with _vae_off_the_gpu(self.host):
                     return self._loop(resume)
+            except torch.cuda.OutOfMemoryError:
+                raise LoraMakerError(self._out_of_memory()) from None  # `from None`: let go of the GPU tensors
             except KeyboardInterrupt:  # Ctrl-C or the WebUI's interrupt: keep what was learned
                 if getattr(self, "position", None):
                     self.save_state(*self.position)
