@@ -1,21 +1,42 @@
-"""Benchmarks that print a table: `python -m lora_trainer_ext bench dedupe`.
+"""Benchmarks that print a table: `python -m lora_trainer_ext bench dedupe|train`.
 
-Hashing speed is measured on generated images of booru-like sizes written to a temporary project;
-grouping speed on synthetic perceptual hashes with planted near-duplicates, so the 10k case needs
-no 10k image files."""
+dedupe: hashing speed is measured on generated images of booru-like sizes written to a temporary
+project; grouping speed on synthetic perceptual hashes with planted near-duplicates, so the 10k case
+needs no 10k image files.
+
+train: seconds per step of the real `trainer.train()` loop on a random-weight checkpoint
+(`random_models`) and a generated project, against the floor: the bare UNet forward + MSE + backward
+of the same host with the same network attached, on precomputed latents and conditioning. Their ratio
+is the trainer's own overhead (data, noise, conditioning, optimizer, logging): the target is < 1.10.
+"""
 
 from __future__ import annotations
 
 import io
 import os
+import platform
+import statistics
+import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from .dedupe import DEFAULT_THRESHOLD, ImageInfo, find_groups, scan
+from .errors import LoraMakerError
+from .host import SDXL, Host, SizeInfo
+from .network import Network, NetworkConfig
 from .project import Project
+from .random_models import CAPTION_TAGS, preset, preset_checkpoint
+from .standalone import load_checkpoint
+from .train_settings import TrainSettings
+from .trainer import Status, autocast_for, train
+from .training_mode import prepared_for_training
 
 
 def _make_images(folder: Path, count: int, size: tuple[int, int], fmt: str, rng: np.random.Generator) -> None:
@@ -75,7 +96,265 @@ def dedupe_table(images: int = 200) -> str:
     for count, threshold in [(1_000, DEFAULT_THRESHOLD), (10_000, DEFAULT_THRESHOLD), (10_000, 12), (100_000, DEFAULT_THRESHOLD)]:
         seconds, groups = grouping_time(count, threshold)
         rows.append((f"group {count:,} hashes, threshold {threshold}", "-", f"{seconds * 1000:,.1f} ms ({groups:,} groups)"))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return render_table(rows)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+WARMUP_STEPS = 2  # not timed: first-call allocations, the optimizer's state, autotuning
+
+
+@dataclass
+class TrainCase:
+    model: str  # a random_models preset
+    resolution: int
+    batch: int
+    network: str  # "lora" or "locon"
+
+
+@dataclass
+class TrainRow:
+    case: TrainCase
+    step_s: float  # median seconds per timed step of train()
+    floor_s: float  # median seconds per timed forward + loss + backward
+    peak_bytes: int | None  # during train()'s timed steps
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.case.batch / self.step_s
+
+    @property
+    def ratio(self) -> float:
+        return self.step_s / self.floor_s
+
+
+def _rss_reader():
+    """(a function giving this process's resident memory in bytes, its source): psutil, else Linux's
+    /proc; (None, "") where neither is there."""
+    try:
+        import psutil
+
+        process = psutil.Process()
+        return (lambda: process.memory_info().rss), "psutil"
+    except ImportError:
+        pass
+    statm = Path("/proc/self/statm")
+    if statm.is_file():
+        page = os.sysconf("SC_PAGE_SIZE")
+        return (lambda: int(statm.read_text().split()[1]) * page), "/proc/self/statm"
+    return None, ""
+
+
+class PeakMemory:
+    """The peak memory of a stretch of work, between `start()` and `stop()`. CUDA: the allocator's peak.
+    CPU: the process's RSS sampled every few milliseconds (torch's CPU tensors are invisible to
+    tracemalloc), or where RSS can't be read, the process's lifetime peak RSS (ru_maxrss)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.read, self.source = (None, "") if device.type == "cuda" else _rss_reader()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._peak = 0
+
+    @property
+    def description(self) -> str:
+        if self.device.type == "cuda":
+            return "torch.cuda.max_memory_allocated over the timed steps"
+        if self.read is not None:
+            return (f"process RSS sampled every 5 ms over the timed steps ({self.source}; the whole process, so "
+                    "run one --model per process for that model's own figure)")
+        return "process lifetime peak RSS (ru_maxrss: neither psutil nor /proc)"
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.read is not None:
+            self._peak, self._running = self.read(), True
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    def _sample(self) -> None:
+        while self._running:
+            self._peak = max(self._peak, self.read())
+            time.sleep(0.005)
+
+    def stop(self) -> int | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        if self._thread is not None:
+            self._running = False
+            self._thread.join()
+            self._thread = None
+            return self._peak
+        try:
+            import resource
+        except ImportError:  # Windows
+            return None
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # Linux counts KiB
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _caption(rng: np.random.Generator) -> str:
+    return ", ".join(rng.choice(CAPTION_TAGS, 12, replace=False))
+
+
+def synthetic_project(root: Path, images: int, resolution: int, seed: int = 0) -> Project:
+    """A project of `images` square generated pictures of side `resolution` with booru-style captions."""
+    rng = np.random.default_rng(seed)
+    project = Project.open(root, "bench", create=True)
+    _make_images(project.dataset_dir, images, (resolution, resolution), "PNG", rng)
+    for image in project.images():
+        Project.caption_path(image).write_text(_caption(rng), encoding="utf-8")
+    return project
+
+
+def bench_settings(case: TrainCase, steps: int) -> TrainSettings:
+    """The guide's defaults at the case's size, UNet only, as one epoch of exactly `steps` steps
+    (so no epoch file or state is saved between timed steps)."""
+    return TrainSettings(resolution=case.resolution, min_bucket=min(256, case.resolution),
+                         max_bucket=case.resolution, batch_size=case.batch, repeats=steps, epochs=1,
+                         max_steps=steps, save_every_n_epochs=0, text_encoder_lr=0.0, network=case.network)
+
+
+def training_step_times(host: Host, project: Project, settings: TrainSettings, lora_dir: Path, warmup: int,
+                        memory: PeakMemory) -> tuple[list[float], int | None]:
+    """Seconds of each step of `train()` after `warmup` steps (between consecutive training statuses,
+    so latent caching is left out), and the peak memory over those steps."""
+    stamps: list[float] = []
+    peak: list[int | None] = [None]
+
+    def on_status(status: Status) -> None:
+        if status.phase != "training":
+            return
+        stamps.append(time.perf_counter())
+        if status.step == warmup:
+            memory.start()
+        if status.step == status.total_steps:
+            peak[0] = memory.stop()
+
+    try:
+        train(project, host, settings, lora_dir, name="bench", on_status=on_status)
+    finally:
+        if peak[0] is None:  # stopped early: don't leave the RSS sampler running
+            memory.stop()
+    return [b - a for a, b in zip(stamps[warmup - 1 :], stamps[warmup:])], peak[0]
+
+
+def floor_step_times(host: Host, settings: TrainSettings, steps: int, warmup: int, seed: int = 0) -> list[float]:
+    """Seconds of each bare forward + MSE + backward (after `warmup`) of `host`'s UNet with `settings`'
+    network attached, under the trainer's precision and checkpointing, on fixed latents and conditioning
+    of the trainer's shapes: no data, noise, optimizer or logging."""
+    s = settings.resolved(host.kind)
+    side, batch = s.resolution, s.batch_size
+    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        shape = host.encode_images(torch.zeros(1, 3, side, side)).shape[1:]  # the VAE's latent shape
+    latents = torch.randn((batch, *shape), generator=generator).to(host.device, host.dtype)
+    wanted = torch.randn((batch, *shape), generator=generator).to(host.device)
+    timesteps = torch.randint(0, len(host.alphas_cumprod), (batch,), generator=generator).to(host.device)
+    sizes = [SizeInfo((side, side), (0, 0), (side, side))] * batch if host.kind == SDXL else None
+    autocast, _ = autocast_for(host, s.mixed_precision)
+    times = []
+    with prepared_for_training(host, bool(s.gradient_checkpointing)):
+        with torch.no_grad(), autocast:
+            cond = host.conditioning([_caption(rng) for _ in range(batch)], sizes)
+        network = Network(host, NetworkConfig(s.network, s.dim, s.alpha, s.conv_dim, s.conv_alpha))
+        network.attach()
+        network.train()
+        params = list(network.parameters())
+        try:
+            for _ in range(warmup + steps):
+                _sync(host.device)
+                start = time.perf_counter()
+                with autocast:
+                    prediction = host.apply_model(latents, timesteps, cond)
+                F.mse_loss(prediction.float(), wanted).backward()
+                _sync(host.device)
+                times.append(time.perf_counter() - start)
+                for p in params:
+                    p.grad = None
+        finally:
+            network.detach()
+    return times[warmup:]
+
+
+def bench_host(folder: Path, model: str, device: torch.device) -> Host:
+    """A random-weight host of preset `model`, written as a checkpoint and loaded as the CLI loads one
+    (fp16 weights on CUDA, fp32 on the CPU)."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    path = preset_checkpoint(folder, model, dtype=dtype, device=device)
+    return load_checkpoint(path, device=device, dtype=dtype)
+
+
+def train_benchmark(models: list[str], networks: list[str], batch: int = 4, steps: int = 5,
+                    resolution: int | None = None, device: str | torch.device = "cpu",
+                    warmup: int = WARMUP_STEPS, on_row=None) -> list[TrainRow]:
+    """A TrainRow per (model, network): train() against the floor, `steps` timed steps each."""
+    if steps < 1 or batch < 1 or warmup < 1:
+        raise LoraMakerError("bench train needs --steps and --batch of at least 1")
+    device = torch.device(device)
+    memory = PeakMemory(device)
+    rows = []
+    for model in models:
+        side = resolution or preset(model)[1].resolution
+        with tempfile.TemporaryDirectory(prefix="lora-maker-bench-") as tmp:
+            host = bench_host(Path(tmp) / "model", model, device)
+            project = synthetic_project(Path(tmp) / "projects", batch, side)
+            for network in networks:
+                case = TrainCase(model, side, batch, network)
+                settings = bench_settings(case, warmup + steps)
+                ours, peak = training_step_times(host, project, settings, Path(tmp) / "lora", warmup, memory)
+                floor = floor_step_times(host, settings, steps, warmup)
+                row = TrainRow(case, statistics.median(ours), statistics.median(floor), peak)
+                rows.append(row)
+                if on_row:
+                    on_row(row)
+            del host
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+TRAIN_COLUMNS = ("model", "resolution", "batch", "network", "s/step", "samples/s", "peak mem", "floor s/step", "ratio")
+
+
+def _size(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def train_row(row: TrainRow) -> tuple[str, ...]:
+    c = row.case
+    return (c.model, f"{c.resolution}px", str(c.batch), c.network, f"{row.step_s:.3f}", f"{row.samples_per_s:.2f}",
+            _size(row.peak_bytes), f"{row.floor_s:.3f}", f"{row.ratio:.3f}")
+
+
+def render_table(rows: list[tuple[str, ...]]) -> str:
+    """Rows of cells (the first the header) as aligned text columns."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def environment(device: torch.device) -> str:
+    """What the numbers were measured on: device, torch version, CPU threads."""
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    return (f"device: {device} ({where}); torch {torch.__version__}; {torch.get_num_threads()} CPU threads "
+            f"of {os.cpu_count()} cores")
+
+
+def train_table(rows: list[TrainRow], device: str | torch.device = "cpu", warmup: int = WARMUP_STEPS) -> str:
+    device = torch.device(device)
+    notes = [environment(device), f"peak mem: {PeakMemory(device).description}",
+             f"s/step: median of the timed steps of train() (after {warmup} warm-up steps; latent caching "
+             "excluded); floor: median forward + MSE + backward alone; ratio = s/step / floor (target < 1.10)"]
+    return "\n".join([*notes, render_table([TRAIN_COLUMNS, *map(train_row, rows)])])

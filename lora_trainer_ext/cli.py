@@ -120,8 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restore", nargs="*", metavar="NAME", help="restore these trashed files (all when no name given)")
 
     bench = commands.add_parser("bench", help="benchmarks (print a table)", description="benchmarks (print a table)")
-    bench.add_argument("what", choices=["dedupe"], help="dedupe: hashing images/s and grouping time at 1k/10k/100k")
-    bench.add_argument("--images", type=int, default=200, metavar="N", help="images generated for the hashing benchmark")
+    bench.add_argument("what", choices=["dedupe", "train"],
+                       help="dedupe: hashing images/s and grouping time at 1k/10k/100k; train: seconds per training "
+                            "step on a random-weight model against the bare forward+backward (the floor)")
+    bench.add_argument("--images", type=int, default=200, metavar="N", help="dedupe: images generated for the hashing benchmark")
+    bench.add_argument("--model", action="append", choices=["tiny", "small", "sd15", "sdxl"], default=None,
+                       help="train: model shape, repeatable (default: small on the CPU, sd15 and sdxl on a GPU)")
+    bench.add_argument("--network", action="append", choices=["lora", "locon"], default=None,
+                       help="train: network, repeatable (default: both)")
+    bench.add_argument("--batch", type=int, default=4, metavar="N", help="train: batch size (default: 4)")
+    bench.add_argument("--steps", type=int, default=None, metavar="N",
+                       help="train: timed steps after 2 warm-up steps (default: 8 on the CPU, 20 on a GPU)")
+    bench.add_argument("--resolution", type=int, default=None, metavar="PX",
+                       help="train: image side (default: the model's: tiny 64, small 256, sd15 512, sdxl 1024)")
+    bench.add_argument("--device", default=None, help="train: cuda, cpu, ... (default: cuda when available)")
     return parser
 
 
@@ -313,9 +325,23 @@ def cmd_trash(args, project_of) -> None:
 
 
 def cmd_bench(args, project_of) -> None:
-    from .bench import dedupe_table
+    if args.what == "dedupe":
+        from .bench import dedupe_table
 
-    _say(dedupe_table(args.images))
+        _say(dedupe_table(args.images))
+        return
+    import torch
+
+    from .bench import train_benchmark, train_row, train_table
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    models = args.model or (["sd15", "sdxl"] if gpu else ["small"])
+    steps = args.steps if args.steps is not None else (20 if gpu else 8)
+    rows = train_benchmark(models, args.network or ["lora", "locon"], batch=args.batch, steps=steps,
+                           resolution=args.resolution, device=device,
+                           on_row=lambda row: print("  ".join(train_row(row)), file=sys.stderr, flush=True))
+    _say(train_table(rows, device))
 
 
 def main(argv: list[str] | None = None) -> int:
