@@ -169,6 +169,16 @@ def test_dataset_from_tag_query_to_report(tmp_path, env):
     assert f"{len(images) - 2} images, {len(images) - 2} with captions" in report
     assert "no problems found" not in report  # the pictures are small: flagged for upscaling
 
+    # and the dataset trains: a few steps on a tiny SD1 checkpoint
+    from tiny_hosts import make_checkpoint
+
+    checkpoint = make_checkpoint(tmp_path / "model", "sd1")
+    settings = {"resolution": 64, "min_bucket": 64, "max_bucket": 128, "max_steps": 3, "batch_size": 4,
+                "dim": 4, "alpha": 4, "mixed_precision": "no"}
+    out = ok(run("train", "mychar", "--checkpoint", str(checkpoint), *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")],
+                 root=root))
+    assert "done: 3 steps" in out and (root / "mychar" / "output" / "mychar.safetensors").is_file()
+
 
 def test_errors_are_one_line(tmp_path):
     root = tmp_path / "projects"

@@ -200,16 +200,35 @@ def test_bad_input_is_refused_before_the_model_is_touched(project, checkpoints, 
     assert not (tmp_path / "lora").exists() or not any((tmp_path / "lora").iterdir())
 
 
-def test_cli_train_and_resume(dataset, checkpoints, tmp_path):
+@pytest.mark.parametrize("kind", [SD1, SD2, SDXL])
+def test_cli_train(dataset, checkpoints, tmp_path, kind):
     from test_cli import fails, ok, run
 
     sets = [arg for key, value in FAST.items() for arg in ("--set", f"{key}={value}")]
-    common = ["train", "demo", "--checkpoint", str(checkpoints[SD1]), "--lora-dir", str(tmp_path / "out"), *sets]
-    out = ok(run(*common, "--set", "epochs=1", root=dataset.root))
+    common = ["train", "demo", "--checkpoint", str(checkpoints[kind]), "--lora-dir", str(tmp_path / "out"), *sets]
+    out = ok(run(*common, "--set", "epochs=1", "--set", "network=locon", root=dataset.root))
     assert "4 images x 2 repeats x 1 epochs / batch 2 = 4 steps" in out and "below the guide's 250-1000" in out
     assert (tmp_path / "out" / "demo.safetensors").is_file() and "done: 4 steps" in out
-    fails(run(*common, "--set", "epoch=3", root=dataset.root), "epoch", "epochs")  # a typo: did you mean
-    fails(run("train", "demo", "--checkpoint", str(tmp_path / "missing.safetensors"), root=dataset.root), "missing.safetensors")
+    if kind == SD1:
+        fails(run(*common, "--set", "epoch=3", root=dataset.root), "epoch", "epochs")  # a typo: did you mean
+        fails(run("train", "demo", "--checkpoint", str(tmp_path / "missing.safetensors"), root=dataset.root),
+              "missing.safetensors")
+
+
+@pytest.mark.parametrize("kind, network", [(SD1, "lora"), (SD2, "locon"), (SDXL, "locon")])
+def test_trained_files_load_in_the_webui_and_comfyui_key_maps(dataset, checkpoints, tmp_path, kind, network):
+    """Every key of a file the trainer wrote lands on a layer of the model it was trained on."""
+    from lora_consumers import comfy_key_map, webui_key_map, webui_layer_table, webui_text_modules
+
+    host = load_checkpoint(checkpoints[kind])
+    result = train(dataset, host, settings(network=network, epochs=1), tmp_path / "lora")
+    keys = list(lora_file.read_lora(result.final)[0])
+    embedders = webui_text_modules(kind)
+    if kind == SD1:
+        embedders[0].transformer = host.text_encoders[0]  # the text encoder that was trained
+    matched, unmatched = webui_key_map(keys, webui_layer_table(host.unet, embedders, kind))
+    assert unmatched == [] and len(matched) == len(keys) // 3
+    assert comfy_key_map(keys, host.unet, kind)[1] == []
 
 
 @pytest.mark.parametrize("optimizer, lr", [("AdamW8bit", 1e-3), ("Prodigy", 1.0)])
