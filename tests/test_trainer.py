@@ -239,3 +239,74 @@ def test_optional_optimizers(dataset, checkpoints, tmp_path, optimizer, lr):
     assert meta["ss_optimizer"] == optimizer
     ups = [t for k, t in tensors.items() if k.endswith("lora_up.weight")]
     assert all(torch.isfinite(t).all() for t in ups) and sum(float(t.abs().sum()) for t in ups) > 0
+
+
+def test_trained_sd1_file_loads_in_diffusers_like_the_merged_model(dataset, checkpoints, tmp_path):
+    """diffusers' own loader puts every module of a trained file on the layer it was trained on: its
+    UNet and text encoder then compute what the tiny host computes with the LoRA merged in."""
+    from lora_consumers import import_diffusers
+    from test_lora_file import lora_layers, merged
+
+    diffusers = import_diffusers()
+    from diffusers.loaders import LoraLoaderMixin
+    from diffusers.pipelines.stable_diffusion.convert_from_ckpt import convert_ldm_unet_checkpoint
+
+    host = load_checkpoint(checkpoints[SD1])
+    result = train(dataset, host, settings(epochs=1, unet_lr=5e-2, text_encoder_lr=5e-2), tmp_path / "lora")
+    tensors, _ = lora_file.read_lora(result.final)
+    tensors = {k: v.float() for k, v in tensors.items()}
+    paths = Network(host, NetworkConfig("lora", 4, 4), train_text_encoder=True).module_paths()
+
+    dunet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=32, attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, block_out_channels=(32, 32, 64, 64)).eval()
+    dunet.load_state_dict(convert_ldm_unet_checkpoint(
+        {f"model.diffusion_model.{k}": v for k, v in host.unet.state_dict().items()}, dunet.config))
+    g = torch.Generator().manual_seed(0)
+    x, context, t = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 5, 32, generator=g), torch.tensor([500])
+    with torch.no_grad():
+        before = dunet(x, t, encoder_hidden_states=context).sample
+        assert torch.allclose(before, host.unet(x, t, context=context), atol=1e-4)
+        state, alphas = LoraLoaderMixin.lora_state_dict(str(result.final))
+        LoraLoaderMixin.load_lora_into_unet(state, alphas, dunet, low_cpu_mem_usage=False)
+        assert lora_layers(dunet) == sum(k.startswith("lora_unet_") and k.endswith(".alpha") for k in tensors) == 192
+        after = dunet(x, t, encoder_hidden_states=context).sample
+        expected = merged(host.unet, tensors, SD1, paths)(x, t, context=context)
+        assert (after - before).abs().max() > 1e-3 and torch.allclose(after, expected, atol=1e-3)
+
+        te = host.text_encoders[0]
+        ids = torch.tensor([[5, 7, 9, 11]])
+        expected = merged(te, tensors, SD1, paths, "lora_te")(ids).last_hidden_state
+        LoraLoaderMixin.load_lora_into_text_encoder(state, alphas, te, low_cpu_mem_usage=False)
+        assert lora_layers(te) == sum(k.startswith("lora_te_") and k.endswith(".alpha") for k in tensors)
+        assert torch.allclose(te(ids).last_hidden_state, expected, atol=1e-3)
+
+
+def test_trained_sdxl_file_loads_in_diffusers(dataset, checkpoints, tmp_path):
+    from lora_consumers import import_diffusers
+    from test_lora_file import lora_layers
+
+    diffusers = import_diffusers()
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin as Mixin
+
+    result = train(dataset, load_checkpoint(checkpoints[SDXL]), settings(network="locon", epochs=1, unet_lr=5e-2),
+                   tmp_path / "lora")
+    tensors, _ = lora_file.read_lora(result.final)
+    # the tiny SDXL host's UNet in diffusers' form: levels (32, 64, 64), transformers at levels 2 and 3
+    dunet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=80, attention_head_dim=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(32, 64, 64),
+        transformer_layers_per_block=(1, 1, 2), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=16, projection_class_embeddings_input_dim=48 + 6 * 16).eval()
+    g = torch.Generator().manual_seed(0)
+    x, context, t = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 5, 80, generator=g), torch.tensor([500])
+    extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, 48, generator=g),
+                                   "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}}
+    with torch.no_grad():
+        before = dunet(x, t, encoder_hidden_states=context, **extra).sample
+        state, alphas = Mixin.lora_state_dict(str(result.final), unet_config=dunet.config)
+        Mixin.load_lora_into_unet(state, alphas, dunet, low_cpu_mem_usage=False)
+        assert lora_layers(dunet) == sum(k.endswith(".alpha") for k in tensors)
+        assert (dunet(x, t, encoder_hidden_states=context, **extra).sample - before).abs().max() > 1e-3

@@ -53,3 +53,6 @@ def test_what_cannot_train_in_place_is_refused(session):
     assert "--lowvram" in session["lowvram_refused"]
     assert "--medvram" in session["medvram_refused"]
     assert "SD Unet" in session["custom_unet_refused"]
+    assert "fp8" in session["fp8_refused"]
+    assert "SD3" in session["sd3_refused"]
+    assert "no Stable Diffusion model is loaded" in session["no_model_refused"]

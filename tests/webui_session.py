@@ -84,10 +84,11 @@ def main(repo: str, projects_root: str, checkpoint: str) -> dict:
     found["merged_changed_weights"] = parameter_fingerprint(host) != base
 
     # Refusals come before anything changes.
-    from modules import sd_unet
+    from modules import devices, sd_models, sd_unet
 
     for label, obj, attr, value in [("lowvram", shared.cmd_opts, "lowvram", True), ("medvram", sd_model, "lowvram", True),
-                                    ("custom_unet", sd_unet, "current_unet", object())]:
+                                    ("custom_unet", sd_unet, "current_unet", object()), ("fp8", devices, "fp8", True),
+                                    ("sd3", sd_model, "is_sd3", True), ("no_model", sd_models.model_data, "sd_model", None)]:
         before = getattr(obj, attr)
         setattr(obj, attr, value)
         try:
