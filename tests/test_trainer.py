@@ -310,3 +310,12 @@ def test_trained_sdxl_file_loads_in_diffusers(dataset, checkpoints, tmp_path):
         Mixin.load_lora_into_unet(state, alphas, dunet, low_cpu_mem_usage=False)
         assert lora_layers(dunet) == sum(k.endswith(".alpha") for k in tensors)
         assert (dunet(x, t, encoder_hidden_states=context, **extra).sample - before).abs().max() > 1e-3
+
+
+def test_latents_cached_on_disk_train_the_same_lora(dataset, checkpoints, tmp_path):
+    ram = train(dataset, load_checkpoint(checkpoints[SD1]), settings(epochs=1), tmp_path / "ram")
+    disk = train(dataset, load_checkpoint(checkpoints[SD1]), settings(epochs=1, cache_latents="disk"), tmp_path / "disk")
+    assert len(list((state_dir(dataset) / "latents").glob("*.pt"))) == 4
+    a, _ = lora_file.read_lora(ram.final)
+    b, _ = lora_file.read_lora(disk.final)
+    assert all(torch.equal(a[k], b[k]) for k in a)
