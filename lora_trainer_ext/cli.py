@@ -274,7 +274,9 @@ def cmd_train(args, project_of) -> None:
     project = project_of()
     settings = train_settings.load(project).replace(**train_settings.parse_set(args.settings))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    # frozen weights in the autocast dtype on a GPU, as the WebUI keeps them; full precision on the CPU
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(settings.mixed_precision, torch.float32)
+    dtype = half if device.startswith("cuda") else torch.float32
     lora_dir = args.lora_dir or default_lora_dir(project.name, project.root)
     host = load_checkpoint(args.checkpoint, args.model_config, device=device, dtype=dtype)
     progress = _progress()

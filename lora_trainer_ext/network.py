@@ -157,14 +157,15 @@ class Network:
 
     def attach(self) -> None:
         if not self.attached:
+            self.attached = True  # so that detach() undoes a partial attach too
             for part in self.parts:
                 part.attach()
-            self.attached = True
 
     def detach(self) -> None:
         if self.attached:
             for part in reversed(self.parts):
-                part.detach()
+                if part._saved_attributes:
+                    part.detach()
             self.attached = False
 
     def parameter_groups(self, unet_lr: float, text_encoder_lr: float) -> list[dict]:

@@ -604,8 +604,8 @@ class StandaloneHost:
 
     def _autocast(self):
         """Frozen weights in half precision run under autocast, as the WebUI runs its model."""
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
+        if self.dtype == torch.float32 or torch.is_autocast_enabled():
+            return contextlib.nullcontext()  # the trainer's autocast (fp16 or bf16) decides
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     @torch.no_grad()

@@ -125,10 +125,15 @@ def autocast_for(host: Host, precision: str):
 def _clip_skip(host: Host, clip_skip: int | None):
     """The run's clip skip on a host that lets us set it (the standalone one; the WebUI's follows its
     own setting, as its txt2img does), put back afterwards."""
-    if clip_skip is None or not hasattr(host, "clip_skip"):
+    before = getattr(host, "clip_skip", None)
+    if clip_skip is None or clip_skip == before:
         yield
         return
-    before, host.clip_skip = host.clip_skip, clip_skip
+    try:
+        host.clip_skip = clip_skip
+    except AttributeError:  # the WebUI's model follows its own setting
+        raise LoraMakerError(f"clip skip is {before} in the WebUI's settings: train with that (leave clip_skip unset) "
+                             "or change it there") from None
     try:
         yield
     finally:
@@ -149,6 +154,10 @@ def _vae_off_the_gpu(host: Host):
     try:
         yield
     finally:
+        import gc
+
+        gc.collect()  # after an out-of-memory error, free what the failed step held before moving back
+        torch.cuda.empty_cache()
         vae.to(device)
 
 
@@ -164,7 +173,7 @@ def cache_latents(host: Host, data: TrainData, progress: Progress, disk: Path | 
             pixels, _ = data.pixels(index, flip)
             latent = host.encode_images(pixels.unsqueeze(0).to(host.device, host.dtype))[0].float().cpu()
             if not torch.isfinite(latent).all():
-                latent = torch.nan_to_num(latent)  # sd-scripts zeroes NaN latents (a fp16 VAE overflow)
+                latent = torch.nan_to_num(latent, nan=0.0, posinf=0.0, neginf=0.0)  # as sd-scripts: a fp16 VAE overflow
             if disk is None:
                 cache[(index, flip)] = latent
             else:
@@ -193,8 +202,16 @@ class _Trainer:
         self.total_steps = self.plan.total_steps
         self.epochs = -(-self.total_steps // self.plan.steps_per_epoch)
         self.train_te = settings.text_encoder_lr > 0 and host.kind != "sdxl" and bool(host.text_encoders)
+        if settings.unet_lr <= 0 and not self.train_te:
+            raise LoraMakerError("nothing would be trained: unet_lr is 0 and this model's text encoder is not trained")
+        if host.device.type == "cuda" and settings.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise LoraMakerError("this GPU has no bf16: set mixed_precision=fp16")
+        if settings.mixed_precision == "no" and host.dtype != torch.float32:
+            raise LoraMakerError("mixed_precision=no needs the model in full precision (the WebUI's --no-half): "
+                                 "use fp16 or bf16")
         self.result = Result()
         self.started_at = time.time()
+        self.epoch_files: list[str] = []  # this run's epoch files, oldest first (keep_last_n_epochs prunes them)
 
     # ---- saving ----
 
@@ -210,7 +227,7 @@ class _Trainer:
             "text_encoder_lr": s.text_encoder_lr if self.train_te else 0.0, "optimizer": s.optimizer,
             "lr_scheduler": s.lr_scheduler, "lr_warmup_steps": self.plan.warmup_steps, "max_grad_norm": s.max_grad_norm,
             "mixed_precision": s.mixed_precision, "gradient_checkpointing": s.gradient_checkpointing,
-            "cache_latents": True, "clip_skip": s.clip_skip, "min_snr_gamma": s.min_snr_gamma or None,
+            "cache_latents": True, "clip_skip": getattr(self.host, "clip_skip", None), "min_snr_gamma": s.min_snr_gamma or None,
             "noise_offset": s.noise_offset or None, "keep_tokens": s.keep_tokens, "flip_aug": s.flip_aug,
             "shuffle_caption": s.shuffle_tags, "caption_dropout_rate": s.caption_dropout,
             "caption_tag_dropout_rate": s.tag_dropout, "enable_bucket": s.buckets, "min_bucket_reso": s.min_bucket,
@@ -232,13 +249,13 @@ class _Trainer:
         return path
 
     def save_epoch(self, epoch: int, step: int) -> None:
-        self.save_lora(self.lora_dir / f"{self.name}-{epoch:06d}.safetensors", epoch, step)
+        path = self.save_lora(self.lora_dir / f"{self.name}-{epoch:06d}.safetensors", epoch, step)
+        self.epoch_files.append(path.name)
         keep = self.settings.keep_last_n_epochs
-        if keep:
-            old = sorted(self.lora_dir.glob(f"{self.name}-[0-9][0-9][0-9][0-9][0-9][0-9].safetensors"))[:-keep]
-            for path in old:  # kohya's save_last_n_epochs: older epochs go, with their cards
-                path.unlink(missing_ok=True)
-                lora_file.card_path(path).unlink(missing_ok=True)
+        while keep and len(self.epoch_files) > keep:  # kohya's save_last_n_epochs, for this run's files only
+            old = self.lora_dir / self.epoch_files.pop(0)
+            old.unlink(missing_ok=True)
+            lora_file.card_path(old).unlink(missing_ok=True)
 
     def save_state(self, step: int, epoch: int, batch: int) -> None:
         state = {
@@ -247,6 +264,8 @@ class _Trainer:
             "network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
             "session_id": self.session_id, "started_at": self.started_at, "losses": self.losses[-100:],
+            "total_steps": self.total_steps, "dataset": self._dataset_fingerprint(), "epoch_files": self.epoch_files,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
         }
         buffer = io.BytesIO()
         torch.save(state, buffer)
@@ -262,7 +281,18 @@ class _Trainer:
                 "the saved training state is for other settings or another model type: resume with the same "
                 "settings and model, or start a new run"
             )
+        if state.get("model_name") != self.host.model_name:
+            raise LoraMakerError(f"the stopped run trained on {state.get('model_name')}, not {self.host.model_name}: "
+                                 "load that model to resume, or start a new run")
+        if state.get("dataset") != self._dataset_fingerprint() or state.get("total_steps") != self.total_steps:
+            raise LoraMakerError("the dataset changed since the run stopped (images or captions): start a new run")
         return state
+
+    def _dataset_fingerprint(self) -> str:
+        import hashlib
+
+        text = "\n".join(f"{item.image.name}\t{item.width}x{item.height}\t{item.caption}" for item in self.data.items)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     # ---- the loop ----
 
@@ -305,12 +335,12 @@ class _Trainer:
             self.cache = cache_latents(self.host, self.data, self.progress, disk)
             config = NetworkConfig(s.network, s.dim, s.alpha, s.conv_dim, s.conv_alpha)
             self.network = Network(self.host, config, train_text_encoder=self.train_te)
-            self.network.attach()
             try:
+                self.network.attach()
                 with _vae_off_the_gpu(self.host):
                     return self._loop(resume)
             except torch.cuda.OutOfMemoryError:
-                raise LoraMakerError(self._out_of_memory()) from None  # `from None`: let go of the GPU tensors
+                raise LoraMakerError(self._out_of_memory()) from None
             except KeyboardInterrupt:  # Ctrl-C or the WebUI's interrupt: keep what was learned
                 if getattr(self, "position", None):
                     self.save_state(*self.position)
@@ -322,6 +352,7 @@ class _Trainer:
         s, host = self.settings, self.host
         self.optimizer = _optimizer(s.optimizer, self.network.parameter_groups(s.unet_lr, s.text_encoder_lr))
         self.scheduler = make_scheduler(self.optimizer, s.lr_scheduler, self.total_steps, self.plan.warmup_steps, s.lr_restarts)
+        autocast, self.scaler = autocast_for(host, s.mixed_precision)
         self.generator = torch.Generator().manual_seed(s.seed)
         self.losses: list[float] = []
         self.position = None
@@ -332,13 +363,16 @@ class _Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.generator.set_state(state["generator"])
+            if self.scaler and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            self.epoch_files = list(state.get("epoch_files", []))
             step, start_epoch, skip = state["step"], state["epoch"], state["batch"]
             self.session_id, self.started_at, self.losses = state["session_id"], state["started_at"], state["losses"]
         log_path = state_dir(self.project) / "runs" / f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(self.started_at))}.csv"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.result.loss_log = log_path
         new_log = not log_path.exists()
-        autocast, scaler = autocast_for(host, s.mixed_precision)
+        scaler = self.scaler
         timesteps_total = len(host.alphas_cumprod)
         alphas = host.alphas_cumprod.to(host.device)
         params = list(self.network.parameters())
@@ -368,6 +402,8 @@ class _Trainer:
                                if s.min_snr_gamma else None)
                     loss = objective.loss(prediction, wanted, weights)
                     if not torch.isfinite(loss):
+                        if self.position:
+                            self.save_state(*self.position)  # what was learned up to here, resumable
                         raise LoraMakerError(
                             f"the loss became {loss.item()} at step {step + 1}: lower the learning rate, or use bf16 "
                             "or no mixed precision"

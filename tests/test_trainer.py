@@ -319,3 +319,33 @@ def test_latents_cached_on_disk_train_the_same_lora(dataset, checkpoints, tmp_pa
     a, _ = lora_file.read_lora(ram.final)
     b, _ = lora_file.read_lora(disk.final)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_keep_last_n_epochs_prunes_only_this_runs_files(dataset, checkpoints, tmp_path):
+    lora_dir = tmp_path / "lora"
+    lora_dir.mkdir()
+    for old in ("demo-000009.safetensors", "other-000001.safetensors"):  # an earlier run, another LoRA
+        (lora_dir / old).write_bytes(b"keep me")
+    result = train(dataset, load_checkpoint(checkpoints[SD1]), settings(epochs=3, keep_last_n_epochs=1), lora_dir)
+    assert sorted(p.name for p in lora_dir.glob("*.safetensors")) == [
+        "demo-000002.safetensors", "demo-000009.safetensors", "demo.safetensors", "other-000001.safetensors"]
+    assert not (lora_dir / "demo-000001.json").exists() and (lora_dir / "demo-000002.json").exists()
+    assert [p.name for p in result.files] == ["demo-000001.safetensors", "demo-000002.safetensors", "demo.safetensors"]
+
+
+def test_resume_refuses_a_changed_dataset(dataset, checkpoints, tmp_path):
+    control = Control()
+    host = load_checkpoint(checkpoints[SD1])
+    train(dataset, host, settings(), tmp_path / "lora", control=control,
+          on_status=lambda s: s.phase == "training" and s.step == 2 and control.stop())
+    (dataset.dataset_dir / "1.txt").write_text("mychar, 1girl, green eyes", encoding="utf-8")
+    with pytest.raises(LoraMakerError, match="dataset changed"):
+        train(dataset, host, settings(), tmp_path / "lora", resume=True)
+
+
+def test_settings_that_cannot_train_this_model_are_refused(dataset, checkpoints, tmp_path):
+    with pytest.raises(LoraMakerError, match="nothing would be trained"):
+        train(dataset, load_checkpoint(checkpoints[SDXL]), settings(unet_lr=0), tmp_path / "lora")
+    half = load_checkpoint(checkpoints[SD1], dtype=torch.float16)
+    with pytest.raises(LoraMakerError, match="full precision"):
+        train(dataset, half, settings(mixed_precision="no"), tmp_path / "lora")

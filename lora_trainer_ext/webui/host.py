@@ -74,6 +74,13 @@ class WebuiHost:
         schedule = getattr(m, "alphas_cumprod_original", None)
         self.alphas_cumprod = (schedule if schedule is not None else m.alphas_cumprod).detach().float().cpu()
 
+    @property
+    def clip_skip(self) -> int | None:
+        """The WebUI's clip skip, which its prompt path applies (SD1 only; SD2/SDXL use their config's layer)."""
+        from modules import shared
+
+        return int(shared.opts.CLIP_stop_at_last_layers) if self.kind == SD1 else None
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         m = self.sd_model
         vae_dtype = next(self.vae.parameters()).dtype
