@@ -308,7 +308,7 @@ def webui_detect_version(meta: dict) -> str:
         (SD1, "v", True, "sd_v1_v", "stable-diffusion-v1/lora", "diffusers"),
         (SD2, "eps", False, "sd_v2", "stable-diffusion-v2-512/lora", "diffusers"),
         (SD2, "v", True, "sd_v2_v", "stable-diffusion-v2-768-v/lora", "diffusers"),
-        (SDXL, "eps", True, "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models"),
+        (SDXL, "eps", True, "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models"),  # a metadata value, never fetched
     ],
 )
 def test_metadata(kind, parameterization, locon, version, architecture, implementation):
