@@ -287,7 +287,7 @@ def dataset_key(project: Project) -> str:
     return project.dataset_dir.name
 
 
-def tag_frequency(project: Project) -> dict[str, dict[str, int]]:
+def metadata_tag_frequency(project: Project) -> dict[str, dict[str, int]]:
     """`ss_tag_frequency`: {dataset folder: {lower-cased tag: occurrences in captions}}."""
     counts: Counter[str] = Counter()
     for image in project.images():

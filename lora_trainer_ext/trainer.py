@@ -31,7 +31,7 @@ from .network import Network, NetworkConfig
 from .progress import Progress
 from .project import Project
 from .schedules import make_scheduler
-from .train_data import TrainData, dataset_dirs, tag_frequency
+from .train_data import TrainData, dataset_dirs, metadata_tag_frequency
 from .train_settings import TrainSettings
 from .training_mode import prepared_for_training
 
@@ -234,7 +234,7 @@ class _Trainer:
             "max_bucket_reso": s.max_bucket, "bucket_no_upscale": s.bucket_no_upscale,
             "bucket_info": self.data.plan.bucket_info(s.repeats), "resolution": s.resolution,
             "dataset_dirs": dataset_dirs(self.project, s.repeats, len(self.data.items)),
-            "tag_frequency": tag_frequency(self.project), "trigger_phrase": activation_tags(self.project) or None,
+            "tag_frequency": metadata_tag_frequency(self.project), "trigger_phrase": activation_tags(self.project) or None,
         }
 
     def save_lora(self, path: Path, epoch: int, step: int) -> Path:

@@ -18,7 +18,7 @@ from lora_trainer_ext.train_data import (
     check_dataset,
     dataset_dirs,
     process_caption,
-    tag_frequency,
+    metadata_tag_frequency,
 )
 from lora_trainer_ext.train_settings import TrainSettings
 
@@ -215,7 +215,7 @@ def test_tag_frequency_and_dataset_dirs(project):
     add_image(project, "a.png", "zzz, Blue Eyes, smile")
     add_image(project, "b.png", "zzz, blue eyes, hat", seed=1)
     add_image(project, "c.png", "zzz", seed=2)
-    assert tag_frequency(project) == {"dataset": {"zzz": 3, "blue eyes": 2, "hat": 1, "smile": 1}}
+    assert metadata_tag_frequency(project) == {"dataset": {"zzz": 3, "blue eyes": 2, "hat": 1, "smile": 1}}
     assert dataset_dirs(project, repeats=10) == {"dataset": {"n_repeats": 10, "img_count": 3}}
 
 
