@@ -14,6 +14,10 @@ from pathlib import Path
 # Keys of the WebUI settings (Settings > LoRA Maker) that the tab registers and the CLI honours too.
 OPT_PROJECTS_ROOT = "lora_maker_projects_root"
 OPT_MODEL_CACHE = "lora_maker_model_cache"
+OPT_DEFAULT_TAGGER = "lora_maker_tagger"
+OPT_TAG_THRESHOLD = "lora_maker_tag_threshold"
+OPT_TAG_CHARACTER_THRESHOLD = "lora_maker_tag_character_threshold"
+OPT_DEFAULT_PRESET = "lora_maker_default_preset"
 
 
 def webui_root() -> Path | None:

@@ -455,6 +455,7 @@ class _Trainer:
         self.status("saving", step=step, epoch=self.epochs)
         self.result.final = self.save_lora(self.lora_dir / f"{self.name}.safetensors", self.epochs, step)
         self.result.steps = step
+        (state_dir(self.project) / STATE_FILE).unlink(missing_ok=True)  # finished: nothing left to resume
         self.status("done", step=step, epoch=self.epochs)
         return self.result
 

@@ -39,7 +39,7 @@ def test_a_job_runs_in_the_background_under_the_guard_and_reports(project, check
     def observe(job):
         seen.append((job.state, job.status.phase if job.status else None, gpu.locked()))
 
-    runner = JobRunner(guard=lambda: gpu, observe=observe)
+    runner = JobRunner(guard=lambda job: gpu, observe=observe)
     job = runner.start("train demo", project.name, training(project, checkpoint, tmp_path / "lora", epochs=1))
     assert job.snapshot()["state"] == RUNNING and runner.current() is job
     runner.wait(240)
@@ -74,3 +74,38 @@ def test_failures_are_reported_not_raised(project, checkpoint, tmp_path):
     runner.start("train demo", project.name, training(project, checkpoint, tmp_path / "lora"))
     job = runner.wait(60)
     assert job.state == FAILED and "no images" in job.error and job.finished_at
+
+
+def test_library_progress_becomes_job_statuses_and_stop_ends_the_job_stopped(tmp_path):
+    from lora_trainer_ext.jobs import JobProgress
+    from lora_trainer_ext.net import Stopped
+
+    guarded = []
+    runner = JobRunner(guard=lambda job: guarded.append(job.id) or threading.Lock())
+    release = threading.Event()
+
+    def download(control, on_status):
+        progress = JobProgress(control, on_status)
+        with progress.task("downloading", 3) as task:
+            for i in range(3):
+                task.advance(note=f"#{i}")
+                if i == 1:
+                    release.wait(10)
+                if progress.should_stop():
+                    raise Stopped("stopped by the user")
+        return Result()
+
+    job = runner.start("scrape demo", "demo", download, kind="scrape", gpu=False)
+    for _ in range(500):
+        if job.status and job.status.step == 2:
+            break
+        release.wait(0.01)
+    snap = job.snapshot()
+    assert snap["kind"] == "scrape" and snap["status"]["phase"] == "downloading"
+    assert (snap["status"]["step"], snap["status"]["total_steps"], snap["status"]["message"]) == (2, 3, "#1")
+    runner.stop()
+    release.set()
+    job = runner.wait(10)
+    assert job.state == STOPPED and job.summary == "stopped by the user" and not job.error
+    assert guarded == []  # not a GPU job: the WebUI's queue lock stays free for txt2img
+    assert job.task_id.startswith(f"task(lora-maker-{job.id}-")

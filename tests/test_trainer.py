@@ -127,15 +127,18 @@ def test_stop_then_resume_equals_an_unbroken_run(dataset, checkpoints, tmp_path)
                     on_status=lambda s: s.phase == "training" and s.step == 3 and control.stop())
     assert stopped.stopped and stopped.steps == 3 and stopped.final is None
     assert (state_dir(dataset) / "state.pt").is_file()
+    with pytest.raises(LoraMakerError, match="other settings"):  # a resume with other settings is refused
+        train(dataset, host, settings(dim=8), tmp_path / "b", name="run", resume=True)
     resumed = train(dataset, host, settings(), tmp_path / "b", name="run", resume=True)
     assert resumed.steps == unbroken.steps and not resumed.stopped
 
     a, _ = lora_file.read_lora(unbroken.final)
     b, _ = lora_file.read_lora(resumed.final)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # a resume with other settings is refused
-    with pytest.raises(LoraMakerError, match="other settings"):
-        train(dataset, host, settings(dim=8), tmp_path / "b", name="run", resume=True)
+    # a finished run leaves nothing to resume
+    assert not (state_dir(dataset) / "state.pt").exists()
+    with pytest.raises(LoraMakerError, match="nothing to resume"):
+        train(dataset, host, settings(), tmp_path / "b", name="run", resume=True)
 
 
 def test_stop_and_save_and_save_now(dataset, checkpoints, tmp_path):
