@@ -119,6 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("trash", "list the trash, or restore images from it")
     p.add_argument("--restore", nargs="*", metavar="NAME", help="restore these trashed files (all when no name given)")
 
+    ui = commands.add_parser("ui", help="the LoRA Maker tab in a browser without the WebUI, training on --checkpoint",
+                             description="serve the LoRA Maker tab and its HTTP API (/lora-maker/v1/) without the WebUI")
+    ui.add_argument("--checkpoint", type=Path, metavar="FILE", help="the model to train on (SD1, SD2 or SDXL); without it only the dataset steps work")
+    ui.add_argument("--lora-dir", type=Path, metavar="DIR", help="where the LoRA files go (default: PROJECT/output under --root)")
+    ui.add_argument("--model-cache", type=Path, default=None, metavar="DIR", help=f"where tagger models are downloaded (default: {default_model_cache()})")
+    ui.add_argument("--port", type=int, default=7870, help="port (default: 7870)")
+    ui.add_argument("--listen", action="store_true", help="serve on every network interface (needs --auth), not just this machine")
+    ui.add_argument("--auth", metavar="USER:PASS[,USER:PASS]", help="require these logins for the page and the API")
+    ui.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+
     bench = commands.add_parser("bench", help="benchmarks (print a table)", description="benchmarks (print a table)")
     bench.add_argument("what", choices=["dedupe", "train"],
                        help="dedupe: hashing images/s and grouping time at 1k/10k/100k; train: seconds per training "
@@ -324,6 +334,18 @@ def cmd_trash(args, project_of) -> None:
         return
     entries = list_trash(project)
     _say(*[f"{e.name}  ({e.reason}, {e.time})" for e in entries] or ["the trash is empty"])
+
+
+def cmd_ui(args, project_of) -> None:
+    from .api import parse_api_auth
+    from .app import launch, standalone_studio
+
+    credentials = parse_api_auth(args.auth)
+    if args.listen and not credentials:
+        raise LoraMakerError("--listen serves the tab to the whole network: add --auth USER:PASS")
+    studio = standalone_studio(args.checkpoint, root=args.root or default_projects_root(), lora_dir=args.lora_dir,
+                               model_cache=args.model_cache, device=args.device)
+    launch(studio, host="0.0.0.0" if args.listen else "127.0.0.1", port=args.port, credentials=credentials)
 
 
 def cmd_bench(args, project_of) -> None:

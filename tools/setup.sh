@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up the development environment in .venv/: Python 3.11, a CPU build of torch, our requirements,
-# the WebUI 1.10.1 versions of the packages our code touches, the test tools, and the offline wheelhouse
+# the WebUI 1.10.1 versions of the packages our code touches, the test tools, Debian's Chromium for the
+# browser tests, and the offline wheelhouse
 # (.cache/wheelhouse) from which tests/test_install.py builds a WebUI-pinned venv without the network.
 # Safe to run again: it only adds what is missing.
 set -euo pipefail
@@ -15,6 +16,13 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
 fi
 "${pip[@]}" install -r requirements-dev.txt
 "${pip[@]}" install --no-deps stable-diffusion-sdkit==2.1.5  # the real ldm classes; its own pins are not ours
+
+# Debian's Chromium for the browser tests (Playwright drives it; it never downloads a browser of its own).
+if ! command -v chromium >/dev/null; then
+  sudo=(); [ "$(id -u)" = 0 ] || sudo=(sudo)
+  "${sudo[@]}" apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends chromium >/dev/null
+fi
 
 # The wheelhouse: every pin of the WebUI (no dependencies, as the WebUI installs them) plus what our
 # requirements resolve to on their own, newest first, so the install test would see any upgrade pip wants.

@@ -1,0 +1,32 @@
+"""The "LoRA Maker" tab: gradio 3.41 (the WebUI's), built over a `Studio`.
+
+One builder serves the WebUI (`webui/`, through `on_ui_tabs`) and the standalone app (`app.py`), so the
+browser tests exercise exactly what WebUI users get. Sub-tabs follow the workflow: Dataset, Train,
+Test. Above them sit the project picker and the job panel, which the page polls (javascript/
+lora_maker.js), so long jobs survive a dropped websocket and a reloaded page re-attaches to them.
+"""
+
+from __future__ import annotations
+
+from ..studio import Studio
+from .context import TabContext
+
+
+def build_tab(studio: Studio):
+    """The tab's `gr.Blocks` (the WebUI shows it as `#tab_lora_maker`)."""
+    import gradio as gr
+
+    from . import dataset, evaluate, job_panel, projects, train
+
+    with gr.Blocks(analytics_enabled=False) as blocks:
+        project = projects.build(studio)
+        job_event = job_panel.build(studio, project)
+        ctx = TabContext(studio, project, job_event)
+        with gr.Tabs(elem_id="lora_maker_tabs"):
+            with gr.Tab("Dataset", elem_id="lora_maker_dataset_tab"):
+                dataset.build(ctx)
+            with gr.Tab("Train", elem_id="lora_maker_train_tab"):
+                train.build(ctx)
+            with gr.Tab("Test", elem_id="lora_maker_test_tab"):
+                evaluate.build(ctx)
+    return blocks
