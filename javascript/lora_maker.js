@@ -11,15 +11,16 @@ function loraMakerClick(id) {
     if (button) button.click();
 }
 
-// The job panel is driven by polling: a plain request each second while a job runs (every 5 s when
-// idle), so it survives a dropped websocket, and a reloaded page re-attaches to the running job.
+// The job panel is driven by polling: a plain request each second while a job runs (every 3 s when
+// idle, and right after a click in the tab, which may have started one), so it survives a dropped
+// websocket, and a reloaded page re-attaches to the running job.
 var loraMakerPoll = {last: 0, busySince: 0, job: "", progressTask: ""};
 
 function loraMakerTick() {
     const status = gradioApp().querySelector("#lora_maker_job_status");
     const state = status ? status.dataset.state : "idle";
     const now = Date.now();
-    if (document.hidden || (state !== "running" && now - loraMakerPoll.last < 5000)) return;
+    if (document.hidden || (state !== "running" && now - loraMakerPoll.last < 3000)) return;
     loraMakerPoll.last = now;
     loraMakerClick("lora_maker_job_poll");
 }
@@ -44,9 +45,13 @@ function loraMakerJobUpdated() {
 }
 
 onUiLoaded(function () {
-    loraMakerClick("lora_maker_project_reload");
-    loraMakerClick("lora_maker_job_poll");
+    const panel = gradioApp().querySelector("#lora_maker_job_panel");
+    if (!panel) return; // the tab could not be built: it shows why instead
     setInterval(loraMakerTick, 1000);
-    new MutationObserver(loraMakerJobUpdated).observe(gradioApp().querySelector("#lora_maker_job_panel"),
-        {childList: true, subtree: true, attributes: true});
+    gradioApp().querySelector("#tab_lora_maker").addEventListener("click", function (event) {
+        if (event.target.closest("button") && !event.target.closest("#lora_maker_job_poll")) {
+            setTimeout(function () { loraMakerClick("lora_maker_job_poll"); }, 500);
+        }
+    });
+    new MutationObserver(loraMakerJobUpdated).observe(panel, {childList: true, subtree: true, attributes: true});
 });

@@ -10,6 +10,8 @@ from PIL import Image
 
 from lora_trainer_ext.project import Project
 
+pytest_plugins = ("browser",)  # the browser tests' fixtures: one Chromium for the whole session
+
 
 def image_bytes(size=(96, 64), fmt="PNG", color=None, seed=0, mode="RGB", **save) -> bytes:
     """A real encoded image: smooth random content (or a flat `color`)."""

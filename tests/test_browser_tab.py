@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 
-from browser import chromium, open_ui  # noqa: F401
 
 from lora_trainer_ext.app import standalone_studio
 from lora_trainer_ext.trainer import Result, Status

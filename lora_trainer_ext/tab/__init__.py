@@ -19,8 +19,8 @@ def build_tab(studio: Studio):
     from . import dataset, evaluate, job_panel, projects, train
 
     with gr.Blocks(analytics_enabled=False) as blocks:
-        project = projects.build(studio)
-        job_event = job_panel.build(studio, project)
+        project = projects.build(studio, blocks)
+        job_event = job_panel.build(studio, blocks)
         ctx = TabContext(studio, project, job_event)
         with gr.Tabs(elem_id="lora_maker_tabs"):
             with gr.Tab("Dataset", elem_id="lora_maker_dataset_tab"):

@@ -56,7 +56,7 @@ def render(snapshot: dict | None) -> str:
     state = snapshot["state"]
     total, step = status.get("total_steps") or 0, status.get("step") or 0
     percent = 100 * step / total if total else 0
-    facts = [status.get("phase", "starting")]
+    facts = [status.get("phase", "starting") if state == "running" else state]
     if total:
         facts.append(f"{step}/{total}")
     if status.get("epochs"):
@@ -93,7 +93,7 @@ def render(snapshot: dict | None) -> str:
     return "".join(parts)
 
 
-def build(studio: Studio, project):
+def build(studio: Studio, blocks):
     """The panel and its buttons; returns the hidden job-event box sub-tabs refresh on."""
     import gradio as gr
 
@@ -109,7 +109,8 @@ def build(studio: Studio, project):
         return (render(snap), event, gr.Button.update(visible=running), gr.Button.update(visible=training),
                 gr.Button.update(visible=training))
 
-    with gr.Group(elem_id="lora_maker_job"):
+    # progress-container: where the WebUI's own progress bar (javascript/progressbar.js) places itself
+    with gr.Group(elem_id="lora_maker_job", elem_classes="progress-container"):
         gr.HTML(elem_id="lora_maker_progress")  # inside the WebUI: its own progress bar for GPU jobs
         panel = gr.HTML(render(snapshot()), elem_id="lora_maker_job_panel")
         with gr.Row():
@@ -121,6 +122,7 @@ def build(studio: Studio, project):
 
     outputs = [panel, job_event, stop, stop_save, save_now]
     poll_button.click(poll, None, outputs, queue=False)
+    blocks.load(poll, None, outputs, queue=False)
     stop.click(lambda: studio.jobs.stop(save=False), None, None, queue=False).then(poll, None, outputs, queue=False)
     stop_save.click(lambda: studio.jobs.stop(save=True), None, None, queue=False).then(poll, None, outputs, queue=False)
     save_now.click(studio.jobs.save_now, None, None, queue=False).then(poll, None, outputs, queue=False)

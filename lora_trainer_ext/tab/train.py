@@ -1,11 +1,244 @@
-"""The Train sub-tab (being built)."""
+"""The Train sub-tab: the project's training settings (presets by purpose and VRAM tier, a grouped
+form, the step arithmetic and VRAM estimate recomputed as the user types), saving them, and starting
+or resuming a run. Progress, the loss chart and the stop buttons belong to the job panel above the
+sub-tabs, which follows whatever job runs.
+
+Live updates listen to the inputs' `input` events (user edits only) and number boxes' `blur` (a
+cleared box sends no input event), never to `change`: loading a project or a preset sets every input
+at once, and those handlers return the arithmetic themselves. Invalid values show their message in
+place of the arithmetic instead of raising, so typing never produces a storm of error toasts.
+"""
 
 from __future__ import annotations
 
-from .context import TabContext
+import html
+import threading
+
+from .. import presets, train_settings
+from ..errors import LoraMakerError
+from ..host import SD1
+from ..project import Project
+from ..train_settings import TrainSettings
+from .context import TabContext, shows_errors
+from .train_form import GROUPS, KEYS, component, form_values, settings_from
+from .train_summary import error_html, plan_html, vram_html
+
+TIERS = {f"{gb} GB": gb for gb in presets.VRAM_TIERS}
+_PER_ROW = 4  # inputs per row inside a "More" accordion
+# Stamps each live update "<page id>:<counter>" in the browser before it is sent.
+_STAMP_JS = """(stamp, ...values) => {
+    window.loraMakerTrainPage = window.loraMakerTrainPage || Math.random().toString(36).slice(2);
+    window.loraMakerTrainCount = (window.loraMakerTrainCount || 0) + 1;
+    return [window.loraMakerTrainPage + ":" + window.loraMakerTrainCount, ...values];
+}"""
+
+
+class LiveOrder:
+    """Live updates are separate requests (a keystroke, a blur) that gradio runs concurrently, so an
+    older one could answer last and show numbers for values no longer in the form. Requests run one
+    at a time here, and one older than a request already answered for the same page is dropped."""
+
+    def __init__(self, pages: int = 100):
+        self.lock = threading.Lock()
+        self.newest: dict[str, int] = {}
+        self.pages = pages
+
+    def stale(self, stamp: str) -> bool:
+        page, _, count = (stamp or "").rpartition(":")
+        if not count.isdigit():
+            return False
+        if int(count) < self.newest.get(page, 0):
+            return True
+        self.newest.pop(page, None)  # re-inserted last: the dict stays in least recently used order
+        self.newest[page] = int(count)
+        if len(self.newest) > self.pages:  # pages that went away
+            self.newest.pop(next(iter(self.newest)))
+        return False
+
+
+def preset_defaults(studio) -> tuple[str | None, str | None]:
+    """(purpose, tier label) preselected: the WebUI's default preset setting; the tier otherwise
+    from the GPU's total memory when one is visible."""
+    purpose = tier = None
+    name = studio.default_preset()
+    if name:
+        try:
+            purpose, tier = presets.parse_preset_name(name)
+        except LoraMakerError:  # a value another version saved: nothing preselected
+            pass
+    if tier is None:
+        memory = studio.gpu_memory()
+        tier = presets.tier_for_memory(memory[1]) if memory else None
+    return purpose, (f"{tier} GB" if tier else None)
+
+
+def can_resume(studio, project: Project | None) -> bool:
+    """An interrupted run left its state behind, and no job is running now."""
+    from ..trainer import STATE_FILE, state_dir
+
+    job = studio.jobs.current()
+    busy = job is not None and job.state == "running"
+    return project is not None and not busy and (state_dir(project) / STATE_FILE).is_file()
+
+
+def _notes(lines: list[str], css: str = "lora-maker-note") -> str:
+    if not lines:
+        return ""
+    return f'<ul class="{css}">' + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>"
 
 
 def build(ctx: TabContext) -> None:
     import gradio as gr
 
-    gr.Markdown("Train", elem_id="lora_maker_train_placeholder")
+    studio = ctx.studio
+    purpose_default, tier_default = preset_defaults(studio)
+    with gr.Row(elem_id="lora_maker_train_preset_row"):
+        purpose = gr.Dropdown(list(presets.PURPOSES), value=purpose_default, label="Preset: what the LoRA learns",
+                              elem_id="lora_maker_train_purpose", scale=2)
+        tier = gr.Dropdown(list(TIERS), value=tier_default, label="GPU memory", elem_id="lora_maker_train_tier",
+                           scale=1)
+        apply = gr.Button("Apply preset", elem_id="lora_maker_train_apply_preset", scale=0, min_width=140)
+    preset_note = gr.HTML(elem_id="lora_maker_train_preset_note")
+    inputs = {}
+    with gr.Row(equal_height=False, elem_id="lora_maker_train_main"):
+        with gr.Column(scale=3, elem_id="lora_maker_train_form"):
+            for group in GROUPS:
+                slug = group.title.lower().replace(" & ", "_").replace(" ", "_")
+                with gr.Accordion(group.title, open=True, elem_id=f"lora_maker_train_group_{slug}"):
+                    with gr.Row():
+                        inputs.update((spec.key, component(spec)) for spec in group.main)
+                    if group.more:
+                        with gr.Accordion("More", open=False, elem_id=f"lora_maker_train_more_{slug}"):
+                            for first in range(0, len(group.more), _PER_ROW):
+                                with gr.Row():
+                                    inputs.update((s.key, component(s)) for s in group.more[first:first + _PER_ROW])
+        # Buttons first: the live boxes below them change height as the user types, and must not
+        # move a button between the press and the release of a click.
+        with gr.Column(scale=2, min_width=320, elem_id="lora_maker_train_side"):
+            with gr.Row():
+                start = gr.Button("Start training", variant="primary", elem_id="lora_maker_train_start")
+                resume = gr.Button("Resume", visible=False, elem_id="lora_maker_train_resume")
+            with gr.Row():
+                save = gr.Button("Save settings", size="sm", elem_id="lora_maker_train_save")
+                load = gr.Button("Load saved", size="sm", elem_id="lora_maker_train_load")
+                reset = gr.Button("Reset to defaults", size="sm", elem_id="lora_maker_train_reset")
+            message = gr.HTML(elem_id="lora_maker_train_message")
+            plan = gr.HTML(elem_id="lora_maker_train_plan")
+            estimate = gr.HTML(elem_id="lora_maker_train_vram")
+            output = gr.HTML(elem_id="lora_maker_train_output")
+    fields = [inputs[key] for key in KEYS]
+
+    def project(name) -> Project | None:
+        return ctx.open(name) if name else None
+
+    def summary(name, settings: TrainSettings) -> tuple[str, str]:
+        kind = studio.model_kind()
+        try:
+            advice = settings.validate(kind)
+            return plan_html(project(name), settings, kind, advice), vram_html(settings, kind, studio.gpu_memory())
+        except LoraMakerError as e:
+            return error_html(str(e))
+
+    def shown(name, settings: TrainSettings) -> list:
+        return [*form_values(settings), *summary(name, settings)]
+
+    order = LiveOrder()
+
+    def live(stamp, name, *values):
+        with order.lock:
+            if order.stale(stamp):
+                return gr.update(), gr.update()
+            try:
+                settings = settings_from(values)
+            except LoraMakerError as e:
+                return error_html(str(e))
+            return summary(name, settings)
+
+    def where(name) -> str:
+        if not name:
+            return ""
+        folder = html.escape(str(studio.lora_dir(name)))
+        return f'<p class="lora-maker-note">LoRA files go to <code>{folder}</code></p>'
+
+    @shows_errors
+    def open_project(name):
+        p = project(name)
+        settings = train_settings.load(p) if p else TrainSettings()
+        return [*shown(name, settings), where(name), gr.Button.update(visible=can_resume(studio, p)), "", ""]
+
+    @shows_errors
+    def load_saved(name):
+        p = ctx.open(name)
+        return [*shown(name, train_settings.load(p)), _notes([f"Loaded the settings saved in {p.settings_path}"])]
+
+    def reset_form(name):
+        return [*shown(name, TrainSettings()), _notes(["Defaults restored (not saved yet)"])]
+
+    @shows_errors
+    def apply_preset(name, purpose_value, tier_value, *values):
+        if not purpose_value or not tier_value:
+            raise LoraMakerError("pick what the LoRA learns and your GPU's memory, then Apply preset")
+        kind = studio.model_kind()
+        p = project(name)
+        images = len(p.images()) if p else 0
+        applied = presets.apply_preset_with_notes(settings_from(values), purpose_value, TIERS[tier_value],
+                                                  kind or SD1, images or None)
+        notes = list(applied.notes)
+        if not kind:
+            notes.append("No model loaded: the preset is made for an SD1 model")
+        if not images:
+            notes.append("No images yet: repeats and epochs were left as they were")
+        return [*shown(name, applied.settings), _notes(notes, "lora-maker-note lora-maker-train-why")]
+
+    def checked(name, values) -> tuple[Project, TrainSettings]:
+        p = ctx.open(name)
+        settings = settings_from(values)
+        settings.validate(studio.model_kind())
+        return p, settings
+
+    @shows_errors
+    def save_settings(name, *values):
+        p, settings = checked(name, values)
+        train_settings.save(p, settings)
+        return _notes([f"Saved to {p.settings_path}"])
+
+    def run(name, values, resume_run: bool):
+        p, settings = checked(name, values)
+        studio.start_training(p.name, settings, resume=resume_run)
+        train_settings.save(p, settings)  # the run's settings stay with the project (and Resume uses them)
+        what = "Resumed the interrupted run" if resume_run else "Training started"
+        return _notes([f"{what} (settings saved): progress and the loss chart are above"]), gr.Button.update(visible=False)
+
+    @shows_errors
+    def start_training(name, *values):
+        return run(name, values, resume_run=False)
+
+    @shows_errors
+    def resume_training(name, *values):
+        return run(name, values, resume_run=True)
+
+    def resume_visibility(name):
+        try:
+            return gr.Button.update(visible=can_resume(studio, project(name)))
+        except LoraMakerError:  # the project is gone: the picker shows that
+            return gr.Button.update(visible=False)
+
+    stamp = gr.Textbox(visible=False, elem_id="lora_maker_train_stamp")
+    live_inputs = [stamp, ctx.project, *fields]
+    for field in fields:
+        # No progress overlay: it would flicker on every keystroke and shift the buttons under the cursor.
+        field.input(live, live_inputs, [plan, estimate], queue=False, _js=_STAMP_JS, show_progress="hidden")
+        if isinstance(field, gr.Number):
+            field.blur(live, live_inputs, [plan, estimate], queue=False, _js=_STAMP_JS, show_progress="hidden")
+    form = [*fields, plan, estimate]
+    opened = [*form, output, resume, message, preset_note]
+    ctx.project.change(open_project, ctx.project, opened, queue=False, show_progress="minimal")
+    ctx.job_event.change(resume_visibility, ctx.project, resume, queue=False)
+    # These set every input: a spinner on each would cover the whole form for a moment.
+    apply.click(apply_preset, [ctx.project, purpose, tier, *fields], [*form, preset_note], queue=False,
+                show_progress="minimal")
+    load.click(load_saved, ctx.project, [*form, message], queue=False, show_progress="minimal")
+    reset.click(reset_form, ctx.project, [*form, message], queue=False, show_progress="minimal")
+    save.click(save_settings, [ctx.project, *fields], message, queue=False)
+    start.click(start_training, [ctx.project, *fields], [message, resume], queue=False)
+    resume.click(resume_training, [ctx.project, *fields], [message, resume], queue=False)
