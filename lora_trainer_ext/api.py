@@ -29,7 +29,8 @@ checked like the WebUI's own API (`--api-auth user:password,...`).
     PUT  /projects/{name}/train/settings     a full settings mapping (omitted keys take their defaults),
                                              checked and saved -> the saved settings
     GET  /projects/{name}/train/plan         {line, images, steps_per_epoch, epochs, total_steps, warmup_steps,
-                                              warnings}
+                                              warnings, vram: {model (null: none loaded, SD1 assumed),
+                                              estimate_gib, summary, verdict (null without a GPU)}}
     POST /projects/{name}/train              {settings: {key: value} overrides for this run, resume: false}
                                              -> 202 job
     GET  /projects/{name}/loras              [{name, size, mtime}]
@@ -59,11 +60,12 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, validator
 from starlette.exceptions import HTTPException
 
-from . import curate, train_settings
+from . import curate, train_settings, vram
 from .captions import read_caption, split_tags
 from .dedupe import DEFAULT_THRESHOLD, find_groups, scan, trash_duplicates
 from .errors import LoraMakerError
 from .history import History
+from .host import SD1
 from .project import Project, validate_name
 from .report import dataset_report
 from .studio import Studio
@@ -418,9 +420,14 @@ def add_routes(app: FastAPI, studio: Studio, credentials: dict[str, str] | None 
         settings = train_settings.load(project)
         advice = settings.validate(studio.model_kind())
         steps = train_settings.step_arithmetic(len(project.images()), settings)
+        kind = studio.model_kind()
+        need = vram.estimate(kind or SD1, settings)
+        gpu = studio.gpu_memory()
         return {"line": steps.render(), "images": steps.images, "steps_per_epoch": steps.steps_per_epoch,
                 "epochs": steps.epochs, "total_steps": steps.total_steps, "warmup_steps": steps.warmup_steps,
-                "warnings": steps.warnings + advice}
+                "warnings": steps.warnings + advice,
+                "vram": {"model": kind, "estimate_gib": round(need.total_gib, 2), "summary": need.summary(),
+                         "verdict": vram.fits(need, gpu[1], settings) if gpu else None}}
 
     @router.post("/projects/{name}/train", status_code=202)
     def train(name: str, body: TrainRequest | None = None):

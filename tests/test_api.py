@@ -335,6 +335,8 @@ def test_settings_round_trip_bad_values_name_the_key_and_the_plan(api, studio, d
     assert plan["line"] == "2 images x 2 repeats x 3 epochs / batch 2 = 6 steps"
     assert plan["total_steps"] == 6 and plan["steps_per_epoch"] == 2 and plan["epochs"] == 3
     assert len(plan["warnings"]) == 1 and "below the guide's 250-1000" in plan["warnings"][0]
+    assert plan["vram"]["model"] == "sd1" and plan["vram"]["verdict"] is None  # no GPU here
+    assert 2 < plan["vram"]["estimate_gib"] < 12 and "estimate" in plan["vram"]["summary"]
     studio.project("empty", create=True)
     assert "no images" in api.get("/projects/empty/train/plan").json()["error"]
 
