@@ -34,6 +34,17 @@ def chromium():
         browser.close()
 
 
+def loopback_only(page, blocked: list) -> None:
+    """Let `page` reach only the loopback; what else it asks for is refused and listed in `blocked`."""
+    def route(r):
+        if LOOPBACK.match(r.request.url) or r.request.url.startswith(("data:", "blob:")):
+            return r.continue_()
+        blocked.append(r.request.url)
+        return r.abort()
+
+    page.route("**/*", route)
+
+
 class Page:
     """A browser page on the app, with screenshots numbered in the order they are taken."""
 
@@ -70,13 +81,7 @@ def open_ui(chromium, request):
         page.set_default_timeout(30_000)
         wrapped = Page(page, url, artifacts)
 
-        def route(r):
-            if LOOPBACK.match(r.request.url) or r.request.url.startswith(("data:", "blob:")):
-                return r.continue_()
-            wrapped.blocked.append(r.request.url)
-            return r.abort()
-
-        page.route("**/*", route)
+        loopback_only(page, wrapped.blocked)
         page.goto(url)
         page.wait_for_selector("#lora_maker_job_status")
         return wrapped

@@ -33,7 +33,7 @@ import pytest
 import requests
 import tiny_onnx
 from booru_server import FakePost, serve_booru
-from browser import ARTIFACTS, LOOPBACK
+from browser import ARTIFACTS, loopback_only
 from conftest import image_bytes
 
 from lora_trainer_ext.presets import preset_names
@@ -296,14 +296,7 @@ def _open(chromium, url: str):  # noqa: F811 (the fixture's value)
     page = context.new_page()
     page.set_default_timeout(60_000)
     page.blocked = []
-
-    def route(r):
-        if LOOPBACK.match(r.request.url) or r.request.url.startswith(("data:", "blob:")):
-            return r.continue_()
-        page.blocked.append(r.request.url)
-        return r.abort()
-
-    page.route("**/*", route)
+    loopback_only(page, page.blocked)
     page.goto(url, timeout=180_000)  # a big page: slow when the machine is busy
     return context, page
 
