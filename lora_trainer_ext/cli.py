@@ -130,20 +130,25 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
 
     bench = commands.add_parser("bench", help="benchmarks (print a table)", description="benchmarks (print a table)")
-    bench.add_argument("what", choices=["dedupe", "train"],
+    bench.add_argument("what", choices=["dedupe", "train", "grid"],
                        help="dedupe: hashing images/s and grouping time at 1k/10k/100k; train: seconds per training "
-                            "step on a random-weight model against the bare forward+backward (the floor)")
+                            "step on a random-weight model against the bare forward+backward (the floor); grid: "
+                            "seconds per grid image rendered headless against sampling + decoding alone")
     bench.add_argument("--images", type=int, default=200, metavar="N", help="dedupe: images generated for the hashing benchmark")
     bench.add_argument("--model", action="append", choices=["tiny", "small", "sd15", "sdxl"], default=None,
-                       help="train: model shape, repeatable (default: small on the CPU, sd15 and sdxl on a GPU)")
+                       help="train, grid: model shape, repeatable (default: train small, grid tiny and small on the "
+                            "CPU; sd15 and sdxl on a GPU)")
     bench.add_argument("--network", action="append", choices=["lora", "locon"], default=None,
                        help="train: network, repeatable (default: both)")
     bench.add_argument("--batch", type=int, default=4, metavar="N", help="train: batch size (default: 4)")
     bench.add_argument("--steps", type=int, default=None, metavar="N",
-                       help="train: timed steps after 2 warm-up steps (default: 8 on the CPU, 20 on a GPU)")
+                       help="train: timed steps after 2 warm-up steps (default: 8 on the CPU, 20 on a GPU); "
+                            "grid: sampling steps (default: 20)")
     bench.add_argument("--resolution", type=int, default=None, metavar="PX",
-                       help="train: image side (default: the model's: tiny 64, small 256, sd15 512, sdxl 1024)")
-    bench.add_argument("--device", default=None, help="train: cuda, cpu, ... (default: cuda when available)")
+                       help="train, grid: image side (default: the model's: tiny 64, small 256, sd15 512, sdxl 1024)")
+    bench.add_argument("--device", default=None, help="train, grid: cuda, cpu, ... (default: cuda when available)")
+    bench.add_argument("--sampler", choices=["DPM++ 2M", "Euler"], default="DPM++ 2M",
+                       help="grid: the sampler (default: DPM++ 2M, the WebUI's default)")
     return parser
 
 
@@ -360,6 +365,15 @@ def cmd_bench(args, project_of) -> None:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
+    if args.what == "grid":
+        from .bench import grid_benchmark, grid_row, grid_table
+
+        rows = grid_benchmark(args.model or (["sd15", "sdxl"] if gpu else ["tiny", "small"]),
+                              steps=args.steps if args.steps is not None else 20, resolution=args.resolution,
+                              sampler=args.sampler, device=device,
+                              on_row=lambda row: print("  ".join(grid_row(row)), file=sys.stderr, flush=True))
+        _say(grid_table(rows, device))
+        return
     models = args.model or (["sd15", "sdxl"] if gpu else ["small"])
     steps = args.steps if args.steps is not None else (20 if gpu else 8)
     rows = train_benchmark(models, args.network or ["lora", "locon"], batch=args.batch, steps=steps,

@@ -614,6 +614,13 @@ class StandaloneHost:
             posterior = self.vae.encode(images.to(self.device, self.vae_dtype))
             return (posterior.sample() * self.scale_factor).float()
 
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (unclamped, float32) of scaled latents: the inverse of `encode_images`,
+        as the WebUI's `decode_first_stage` (for rendering grids headless)."""
+        with torch.autocast(self.device.type, enabled=False):
+            return self.vae.decode(latents.to(self.device, self.vae_dtype) / self.scale_factor).float()
+
     def conditioning(self, captions: list[str], sizes: list[SizeInfo] | None = None) -> Any:
         if self.kind == SD1:
             layers = self.text_encoders[0].config.num_hidden_layers
