@@ -79,7 +79,15 @@ def standalone_studio(checkpoint: Path | None = None, root: Path | None = None, 
                 return detect_kind(f.keys(), path.name)
         return detect_kind(read_state_dict(path).keys(), path.name)
 
+    @contextlib.contextmanager
+    def open_renderer():
+        from .standalone_render import StandaloneRenderer
+
+        with open_host() as model:
+            yield StandaloneRenderer(model)
+
     return Studio(
+        open_renderer=open_renderer,
         projects_root=lambda: root,
         model_cache=lambda: cache,
         open_host=open_host,

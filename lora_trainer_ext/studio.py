@@ -17,6 +17,7 @@ from .jobs import Job, JobProgress, JobRunner
 from .paths import OPT_DEFAULT_PRESET, OPT_DEFAULT_TAGGER, OPT_TAG_CHARACTER_THRESHOLD, OPT_TAG_THRESHOLD
 from .project import Project, list_projects
 from .train_settings import TrainSettings
+from .trainer import Status
 
 
 def _cuda_memory() -> tuple[float, float] | None:
@@ -41,6 +42,10 @@ class Studio:
     files_saved: Callable[[list[Path]], None] = lambda files: None  # e.g. refresh the WebUI's Lora list
     gpu_memory: Callable[[], tuple[float, float] | None] = _cuda_memory  # free, total GiB
     option: Callable[[str], Any] = lambda key: None  # a setting of the host (the WebUI's Settings page)
+    # What renders grid cells (the WebUI's txt2img, or the standalone sampler), inside the GPU job.
+    open_renderer: Callable[[], ContextManager] | None = None
+    # The render settings grids start from (the WebUI's txt2img defaults there).
+    render_defaults: Callable[[], Any] | None = None
     last_project: str | None = None  # the project picked last, shown again when the page is reloaded
 
     # ---- projects ----
@@ -130,8 +135,10 @@ class Studio:
 
         return self.jobs.start(f"caption {name}", name, work, kind="caption")
 
-    def start_training(self, name: str, settings: TrainSettings | None = None, resume: bool = False) -> Job:
-        """Train project `name` (its saved settings unless `settings` are given) on the host's model."""
+    def start_training(self, name: str, settings: TrainSettings | None = None, resume: bool = False,
+                       grid: bool = False) -> Job:
+        """Train project `name` (its saved settings unless `settings` are given) on the host's model;
+        with `grid`, render the default epoch x weight grid in the same job when training ends."""
         from .trainer import train
 
         project = self.project(name)
@@ -147,9 +154,51 @@ class Studio:
                     saved = self.saved_loras(name)
                     if saved:
                         self.files_saved(saved)  # the Lora cards see even the epochs of a failed run
+            if grid and not result.stopped:
+                self._render_grid(project, self.grid_plan(name), control, on_status)
             return result
 
         return self.jobs.start(f"train {name}", name, work, kind="train")
+
+    # ---- grids ----
+
+    def grid_plan(self, name: str, prompts: list[tuple[str, str]] | None = None, **options):
+        """The epoch x weight plan for project `name`'s saved LoRAs (checked): `prompts` as (label, prompt)
+        layers, by default the dataset's main and flexibility prompts; `options` as `grid_plan.make_plan`'s,
+        the render settings defaulting to the host's."""
+        from .grid_plan import default_prompts, make_plan
+
+        project = self.project(name)
+        if prompts is None:
+            main, flexibility, _, _ = default_prompts(project)
+            prompts = [("main", main), ("flexibility", flexibility)]
+        if options.get("settings") is None and self.render_defaults is not None:
+            options["settings"] = self.render_defaults()
+        return make_plan(self.lora_dir(name), name, prompts, **options)
+
+    def start_grid(self, name: str, plan=None) -> Job:
+        """Render project `name`'s grid (`plan` from `grid_plan`, by default its default plan), scored
+        with the default tagger when it can be loaded."""
+        project = self.project(name)
+        plan = plan or self.grid_plan(name)
+        return self.jobs.start(f"grid {name}", name, lambda control, on_status: self._render_grid(
+            project, plan, control, on_status), kind="grid")
+
+    def _render_grid(self, project: Project, plan, control, on_status):
+        from .errors import LoraMakerError
+        from .grids import render_grid
+        from .tagger import load_tagger
+
+        if self.open_renderer is None:
+            raise LoraMakerError("this host cannot render images: grids need the WebUI or a checkpoint")
+        progress = JobProgress(control, on_status)
+        try:
+            tagger = load_tagger(self.default_tagger(), cache_dir=self.model_cache(), progress=progress)
+        except LoraMakerError as e:  # scored without likeness/flexibility, and said so
+            tagger = None
+            on_status(Status("scoring without the tagger", message=f"likeness is not scored: {e}"))
+        with self.open_renderer() as renderer:
+            return render_grid(project, plan, renderer, tagger=tagger, progress=progress)
 
     # ---- results ----
 

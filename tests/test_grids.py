@@ -248,3 +248,32 @@ def test_bench_grid_prints_a_consistent_table(capsys):
     assert float(row["overhead"].rstrip("%")) == pytest.approx(100 * overhead / generation, rel=0.05, abs=0.1)
     phases = dict(zip(*([c.strip() for c in lines[i].split("|")] for i in (tables[1], tables[1] + 2))))
     assert phases["model"] == "tiny" and all(float(phases[f"{k} ms"]) > 0 for k in ("LoRA load", "save", "assemble"))
+
+
+def test_training_then_the_default_grid_in_one_job(tmp_path):
+    from lora_trainer_ext.app import standalone_studio
+    from lora_trainer_ext.paths import OPT_DEFAULT_TAGGER
+
+    studio = standalone_studio(make_checkpoint(tmp_path / "model", SD1), root=tmp_path / "projects",
+                               lora_dir=tmp_path / "lora")
+    studio.render_defaults = lambda: SETTINGS
+    tagger_dir = write_tagger(tmp_path / "tagger")
+    studio.option = {OPT_DEFAULT_TAGGER: str(tagger_dir)}.get
+    project = studio.project("mychar", create=True)
+    for i in range(2):
+        add_image(project, f"{i}.png", "mychar, 1girl, red theme", size=(64, 64), seed=i)
+    project.update_settings(dataset={"core_tags": ["red theme"]})  # what likeness checks (the tiny tagger knows it)
+    settings = TrainSettings.from_dict(dict(resolution=64, min_bucket=64, max_bucket=64, repeats=1, epochs=2,
+                                            batch_size=2, dim=4, alpha=4, mixed_precision="no"))
+    job = studio.start_training("mychar", settings, grid=True)
+    studio.jobs.wait(240)
+    assert job.state == "done", job.error
+    grids = list_grids(project)
+    assert len(grids) == 1
+    grid = load_grid(grids[0]["folder"])
+    # 2 epochs x the default weights, over the main and the flexibility prompt; one baseline per prompt
+    layers, rows, cols = 2, 2, 7
+    assert len(grid["cells"]) == layers * rows * cols and grid["rendered"] == layers * (1 + rows * (cols - 1))
+    assert grid["recommendation"]["text"] and any(c["score"]["likeness"] is not None for c in grid["cells"])
+    with pytest.raises(LoraMakerError, match="no LoRA named other"):
+        studio.grid_plan(studio.project("other", create=True).name)
