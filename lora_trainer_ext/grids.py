@@ -17,7 +17,7 @@ import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -153,9 +153,9 @@ def render_grid(project: Project, plan: GridPlan, renderer: Renderer, *, tagger=
         first = next((c for c in cells if c.layer == layer and c.key() in entries), None)
         if first is None:
             continue  # stopped before this layer had any image
-        image, layout = grid_image.layer_grid(plan, layer, lambda c: images.get(c.key()))
+        image, description = assemble_layer(renderer, plan, layer, lambda c: images.get(c.key()))
         path = grid_image.save_grid(folder / f"grid-{layer:02d}.png", image, entries[first.key()]["infotext"],
-                                    grid_image.describe(plan, layer, layout))
+                                    description)
         grids.append({"layer": layer, "label": label, "file": path.name, "size": list(image.size)})
         result.files.append(path)
     timings["assemble"] += time.perf_counter() - start
@@ -188,6 +188,17 @@ def render_grid(project: Project, plan: GridPlan, renderer: Renderer, *, tagger=
     result.files.append(folder / GRID_FILE)
     result.timings = timings
     return result
+
+
+def assemble_layer(renderer: Renderer, plan: GridPlan, layer: int,
+                   image_of: Callable[[Cell], Image.Image | None]) -> tuple[Image.Image, dict]:
+    """One layer's labelled grid image and its description: by the renderer when it assembles grids
+    with its host's helpers (`render.GridAssembler`: the WebUI's), else by grid_image."""
+    assemble = getattr(renderer, "assemble_grid", None)
+    if assemble is not None:
+        return assemble(plan, layer, image_of)
+    image, layout = grid_image.layer_grid(plan, layer, image_of)
+    return image, grid_image.describe(plan, layer, layout)
 
 
 def score(project: Project, plan: GridPlan, cells: list[Cell], images: dict[tuple, Image.Image], tagger,

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Protocol
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from .grid_plan import Cell, RenderSettings
+    from .grid_plan import Cell, GridPlan, RenderSettings
 
 
 @dataclass
@@ -32,6 +32,17 @@ class Renderer(Protocol):
 
     def refresh(self) -> None:
         """LoRA files were written or rewritten on disk: look them up again (the WebUI's Lora list)."""
+
+
+class GridAssembler(Protocol):
+    """Optional beside `Renderer`: a renderer that has `assemble_grid` lays out the grid images itself,
+    with its host's own helpers (the WebUI's `images.image_grid` and `draw_grid_annotations`); without
+    it grids.py uses grid_image.py."""
+
+    def assemble_grid(self, plan: GridPlan, layer: int,
+                      image_of: Callable[[Cell], Image.Image | None]) -> tuple[Image.Image, dict]:
+        """Layer `layer`'s labelled grid image (`image_of(cell)`: the cell's image, None if not rendered)
+        and its description (`grid_image.describe`'s keys; `cell_boxes` map clicks: `grid_image.cell_in`)."""
 
 
 def quote(value) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -40,6 +39,8 @@ def studio() -> Studio:
 def _build() -> Studio:
     from modules import shared
 
+    from .render import open_renderer, webui_render_defaults
+
     def configured(key: str, default):
         value = shared.opts.data.get(key)
         return Path(value).expanduser() if value else default()
@@ -54,7 +55,19 @@ def _build() -> Studio:
         files_saved=_refresh_loras,
         gpu_memory=_gpu_memory,
         option=lambda key: shared.opts.data.get(key),
+        open_renderer=open_renderer,
+        render_defaults=webui_render_defaults,
+        paste_to_txt2img=_paste_to_txt2img,
     )
+
+
+def _paste_to_txt2img(button, textbox) -> None:
+    """Make `button` send the infotext in `textbox` to txt2img, as PNG Info's button does. Registered
+    while the tab is built: the WebUI wires the bindings after `on_ui_tabs` (and clears them on Reload UI)."""
+    from modules import infotext_utils
+
+    infotext_utils.register_paste_params_button(infotext_utils.ParamBinding(
+        paste_button=button, tabname="txt2img", source_text_component=textbox))
 
 
 # ---- the model and the Lora folder ----
@@ -88,10 +101,12 @@ def _lora_root() -> Path:
 
 
 def _refresh_loras(files: list[Path]) -> None:
-    """Rescan the Lora folder, so /sdapi/v1/loras lists the new files and the cards show them on refresh."""
-    networks = sys.modules.get("networks")  # the built-in Lora extension's module, once its scripts ran
-    if networks is not None:
-        networks.list_available_networks()
+    """Rescan the Lora folder, so /sdapi/v1/loras lists the new files and the cards show them on refresh,
+    and forget the merged weights and cached conditionings of files rewritten under the same names (a
+    new run's final file, "use this epoch"), so the next txt2img uses the new file."""
+    from .render import refresh_loras
+
+    refresh_loras()
 
 
 def _gpu_memory() -> tuple[float, float] | None:
