@@ -1,7 +1,7 @@
 """LoRA Maker's headless HTTP API: JSON routes under /lora-maker/v1/ over the same `Studio` the tab uses.
 
 Every route is a thin layer over a Studio or library call, so a request does exactly what the tab's
-button does. Long work (scrape, tag, train) starts a background job and answers 202 with the job's
+button does. Long work (scrape, tag, train, grids) starts a background job and answers 202 with the job's
 snapshot at once; poll GET /job to follow it. With `credentials` every route needs HTTP Basic auth,
 checked like the WebUI's own API (`--api-auth user:password,...`).
 
@@ -34,6 +34,20 @@ checked like the WebUI's own API (`--api-auth user:password,...`).
     POST /projects/{name}/train              {settings: {key: value} overrides for this run, resume: false}
                                              -> 202 job
     GET  /projects/{name}/loras              [{name, size, mtime}]
+    GET  /projects/{name}/grids              the saved grids, newest first: [{id, created, stopped, rendered, total,
+                                              epochs, weights, grids: [{layer, label, file, size}], recommendation}]
+    POST /projects/{name}/grids              {epochs: "all"|"every"|"chosen", k: 2, chosen: [epoch numbers],
+                                              weights: [0, 0.5, ...] or "0, 0.5" (default: 0, 0.5-1), prompts:
+                                              [[label, prompt]] (default: the main and the flexibility prompt),
+                                              seeds: [n] (default: the settings' seed), negative: "", settings:
+                                              {sampler, scheduler, steps, cfg_scale, width, height, seed} (unset:
+                                              the host's txt2img defaults)} -> 202 job
+    GET  /projects/{name}/grids/{grid}       the grid's grid.json (grids.render_grid): {plan, row_labels,
+                                              col_labels, grids, cells: [{layer, row, col, epoch, lora, weight,
+                                              prompt, negative, seed, file, infotext, score}], recommendation, ...}
+    GET  /projects/{name}/grids/{grid}/{file}  a PNG the grid lists: grid-NN.png (one per prompt/seed) or cells/...
+    POST /projects/{name}/use-epoch          {epoch, weight}: that epoch becomes NAME.safetensors with `weight` as
+                                              the card's preferred weight -> {lora, epoch, weight, files: [written]}
     GET  /job                                the running or last job's snapshot (jobs.Job.snapshot), or null
     POST /job/stop {save: false}             ask the job to stop (saving a resumable state with save) -> job
     POST /job/save-now                       ask the training to save a LoRA now -> job
@@ -42,19 +56,22 @@ Lists of tags may be given as lists or comma-separated text (`"a, b"` == `["a", 
 creates the project when it doesn't exist yet (like the CLI); every other project route needs it.
 
 Errors are {"error": message}: 400 bad input (a LoraMakerError, a malformed body, a bad name), 401
-bad credentials (also "detail", and WWW-Authenticate: Basic), 404 no such project or image, 409 a
+bad credentials (also "detail", and WWW-Authenticate: Basic), 404 no such project, image or grid, 409 a
 job is running (starting another, or editing the dataset of the project it works on), 500 a file
 system error. Names never reach outside the projects root: project names pass
-`project.validate_name`, image names must be plain file names of existing dataset images.
+`project.validate_name`, image names must be plain file names of existing dataset images, grid ids
+must be those the grid list gives, and grid files those their grid.json lists.
 """
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
+from pathlib import Path
 from secrets import compare_digest
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, validator
@@ -64,6 +81,8 @@ from . import curate, train_settings, vram
 from .captions import read_caption, split_tags
 from .dedupe import DEFAULT_THRESHOLD, find_groups, scan, trash_duplicates
 from .errors import LoraMakerError
+from .grid_plan import DEFAULT_WEIGHTS, RenderSettings, parse_weights
+from .grids import list_grids, load_grid, use_epoch
 from .history import History
 from .host import SD1
 from .project import Project, validate_name
@@ -159,6 +178,44 @@ class TrainRequest(BaseModel):
 
 class StopRequest(BaseModel):
     save: bool = False
+
+
+class GridRequest(BaseModel):
+    epochs: str = "all"  # grid_plan.EPOCH_MODES
+    k: int = 2
+    chosen: list[int] = []
+    weights: list[float] | None = None
+    prompts: list[tuple[str, str]] | None = None
+    seeds: list[int] = []
+    negative: str = ""
+    settings: dict = {}
+
+    _weights = validator("weights", pre=True, allow_reuse=True)(lambda v: parse_weights(v) if isinstance(v, str) else v)
+
+
+class UseEpoch(BaseModel):
+    epoch: int
+    weight: float
+
+
+def render_settings(base: RenderSettings, given: dict) -> RenderSettings:
+    """`base` with the `given` settings, each converted to its field's type (a whole number where one
+    is expected), unknown keys refused."""
+    kinds = {f.name: type(getattr(base, f.name)) for f in fields(RenderSettings)}
+    unknown = sorted(set(given) - set(kinds))
+    if unknown:
+        raise LoraMakerError(f"unknown render settings {', '.join(unknown)}: use {', '.join(kinds)}")
+    values = {}
+    for key, value in given.items():
+        kind = kinds[key]
+        try:
+            values[key] = kind(value)
+            if kind is int and (isinstance(value, bool) or float(value) != values[key]):
+                raise ValueError(value)
+        except (TypeError, ValueError):
+            expected = {int: "a whole number", float: "a number"}.get(kind, "text")
+            raise LoraMakerError(f"render setting {key} must be {expected}, got {value!r}") from None
+    return replace(base, **values)
 
 
 # ---- errors ----
@@ -439,6 +496,60 @@ def add_routes(app: FastAPI, studio: Studio, credentials: dict[str, str] | None 
         settings.validate(studio.model_kind())
         not_busy()
         return studio.start_training(name, settings, resume=body.resume).snapshot()
+
+    # ---- grids ----
+
+    def saved_grid(project: Project, grid: str) -> dict:
+        """A saved grid's grid.json by id: only ids the grid list gives (folder names) are opened."""
+        if not grid or grid in (".", "..") or any(c in grid for c in "/\\:\0"):
+            raise LoraMakerError(f"invalid grid id {grid!r}: give an id that GET {PREFIX}/projects/NAME/grids lists")
+        entry = next((g for g in list_grids(project) if g["id"] == grid), None)
+        if entry is None:
+            raise _Refused(404, f"no grid {grid!r} in project {project.name!r}")
+        return load_grid(entry["folder"])
+
+    def without_folder(data: dict) -> dict:
+        return {k: v for k, v in data.items() if k != "folder"}  # a server path; files are served by name
+
+    @router.get("/projects/{name}/grids")
+    def grids(name: str):
+        return [without_folder(entry) for entry in list_grids(existing(name))]
+
+    @router.post("/projects/{name}/grids", status_code=202)
+    def start_grid(name: str, body: GridRequest | None = None):
+        body = body or GridRequest()
+        project = existing(name)
+        base = (studio.render_defaults() if studio.render_defaults else None) or RenderSettings()
+        plan = studio.grid_plan(project.name, [tuple(p) for p in body.prompts] if body.prompts is not None else None,
+                                mode=body.epochs, k=body.k, chosen=body.chosen,
+                                weights=DEFAULT_WEIGHTS if body.weights is None else body.weights, seeds=body.seeds,
+                                negative=body.negative, settings=render_settings(base, body.settings))
+        not_busy()
+        return studio.start_grid(project.name, plan).snapshot()
+
+    @router.get("/projects/{name}/grids/{grid}")
+    def get_grid(name: str, grid: str):
+        return without_folder(saved_grid(existing(name), grid))
+
+    @router.get("/projects/{name}/grids/{grid}/{file:path}")
+    def grid_file(name: str, grid: str, file: str):
+        data = saved_grid(existing(name), grid)
+        listed = {g["file"] for g in data.get("grids", [])}
+        listed |= {c["file"] for c in data.get("cells", []) if c.get("file")}
+        folder = Path(data["folder"])
+        path = folder / file
+        if file not in listed or not path.is_file() or folder.resolve() not in path.resolve().parents:
+            raise _Refused(404, f"no file {file!r} in grid {grid!r}: the grid's files are listed in its grid.json")
+        return FileResponse(path, media_type="image/png")
+
+    @router.post("/projects/{name}/use-epoch")
+    def use_this_epoch(name: str, body: UseEpoch):
+        project = existing(name)
+        not_working_on(project)
+        written = use_epoch(project, studio.lora_dir(project.name), body.epoch, body.weight)
+        studio.files_saved(written)
+        return {"lora": f"{project.name}.safetensors", "epoch": body.epoch, "weight": body.weight,
+                "files": [path.name for path in written]}
 
     # ---- the job ----
 

@@ -83,6 +83,7 @@ class RenderSettings:
     width: int = 512
     height: int = 512
     seed: int = 1234
+    negative: str = ""  # the negative prompt a plan starts from (the plan's own `negative` is what renders)
 
     def check(self) -> None:
         if not self.sampler.strip():
@@ -300,9 +301,11 @@ def prompt_layers(prompts: Sequence[tuple[str, str]], seeds: Sequence[int]) -> l
 
 def make_plan(lora_dir: Path, name: str, prompts: Sequence[tuple[str, str]], *, mode: str = "all", k: int = 2,
               chosen: Sequence[int] = (), weights: Sequence[float] = DEFAULT_WEIGHTS, seeds: Sequence[int] = (),
-              negative: str = "", settings: RenderSettings | None = None) -> GridPlan:
-    """A checked plan for the LoRA `name` saved in `lora_dir` (seeds default to the settings' seed)."""
+              negative: str | None = None, settings: RenderSettings | None = None) -> GridPlan:
+    """A checked plan for the LoRA `name` saved in `lora_dir` (seeds and the negative prompt default
+    to the settings')."""
     settings = settings or RenderSettings()
+    negative = settings.negative if negative is None else negative
     epochs = saved_epochs(lora_dir, name)
     if not epochs:
         raise LoraMakerError(f"no LoRA named {name} in {lora_dir}: train first")

@@ -39,10 +39,20 @@ class NetworkConfig:
     dropout: float = 0.0  # dropout on each module's output while training
 
 
+def require_lycoris() -> None:
+    """LoraMakerError with the fix when lycoris-lora (the LoRA/LoCon modules) is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("lycoris") is None:
+        raise LoraMakerError("training and grids need lycoris-lora, which is not installed: restart the WebUI so "
+                             "LoRA Maker's install.py adds it, or run: pip install 'lycoris-lora<4'")
+
+
 @contextlib.contextmanager
 def _lycoris_preset(**attributes):
     """lycoris reads its targets from class attributes of LycorisNetwork (not of a subclass), so set
     them for one construction and put the old values back: other lycoris users keep theirs."""
+    require_lycoris()
     from lycoris.wrapper import LycorisNetwork
 
     names = {"target_module": "TARGET_REPLACE_MODULE", "target_name": "TARGET_REPLACE_NAME",

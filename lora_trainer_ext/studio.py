@@ -46,6 +46,8 @@ class Studio:
     open_renderer: Callable[[], ContextManager] | None = None
     # The render settings grids start from (the WebUI's txt2img defaults there).
     render_defaults: Callable[[], Any] | None = None
+    # Binds a "Send to txt2img" button to a textbox holding an infotext (the WebUI's paste buttons).
+    paste_to_txt2img: Callable[[Any, Any], None] | None = None
     last_project: str | None = None  # the project picked last, shown again when the page is reloaded
 
     # ---- projects ----

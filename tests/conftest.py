@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from lora_trainer_ext.project import Project
+
+# A model download nobody meant (a default tagger, say) must fail fast on a closed loopback port, never
+# reach the hub: tests that download serve their own hub and say so explicitly.
+os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")  # port 9 (discard): nothing listens
 
 pytest_plugins = ("browser",)  # the browser tests' fixtures: one Chromium for the whole session
 

@@ -119,6 +119,7 @@ def test_training_runs_stops_and_saves_resumes_and_finishes(open_ui, studio, tmp
     page = ui.page
     page.wait_for_selector(f"{PLAN}:has-text('x 2 repeats x 2 epochs / batch 2')")  # saved settings, loaded
     assert page.is_hidden("#lora_maker_train_resume")
+    page.uncheck("#lora_maker_train_grid input[type=checkbox]")  # training only (tests/test_browser_test_tab.py has grids)
     page.click("#lora_maker_train_start")
     page.wait_for_selector("#lora_maker_job_status[data-state=done]", timeout=120_000)
     assert (tmp_path / "lora" / "demo" / "demo.safetensors").is_file()

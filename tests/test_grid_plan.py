@@ -169,6 +169,11 @@ def test_make_plan_from_files(lora_dir):
     assert plan.layers == [("main", "mychar, 1girl", 1234), ("flexibility", "mychar, beach", 1234)]
     with pytest.raises(LoraMakerError, match="the prompt 'flexibility' is empty"):
         make_plan(lora_dir, "mychar", [("main", "x"), ("flexibility", "")])
+    # the negative prompt starts from the render settings' (the WebUI's txt2img default there)
+    settings = RenderSettings(negative="lowres, bad hands")
+    assert make_plan(lora_dir, "mychar", [("main", "x")], settings=settings).negative == "lowres, bad hands"
+    assert make_plan(lora_dir, "mychar", [("main", "x")], settings=settings, negative="").negative == ""
+    assert plan.negative == "lowres" and {c.negative for c in plan.cells()} == {"lowres"}
 
 
 def test_plan_round_trips_through_json(lora_dir):

@@ -18,6 +18,7 @@ from lora_trainer_ext.errors import LoraMakerError
 from lora_trainer_ext.history import History
 from lora_trainer_ext.tab import build_tab
 from lora_trainer_ext.tab import dataset_views as views
+from lora_trainer_ext.tab.context import unavailable
 from lora_trainer_ext.tab.dataset_scrape import signature
 from lora_trainer_ext.trash import TrashEntry
 
@@ -144,13 +145,13 @@ def test_scrape_preview_signature():
 
 
 def test_unavailable_names_the_features_own_install_hint(monkeypatch):
-    assert views.unavailable(("onnxruntime",), tagger._onnxruntime) is None
+    assert unavailable(("onnxruntime",), tagger._onnxruntime) is None
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what `import` sees when it is not installed
-    assert "the WD tagger needs onnxruntime: pip install" in views.unavailable(("onnxruntime",), tagger._onnxruntime)
+    assert "the WD tagger needs onnxruntime: pip install" in unavailable(("onnxruntime",), tagger._onnxruntime)
     monkeypatch.setitem(sys.modules, "imagehash", None)
-    assert "pip install imagehash" in views.unavailable(("imagehash",), views.need_imagehash)
+    assert "pip install imagehash" in unavailable(("imagehash",), views.need_imagehash)
     monkeypatch.setitem(sys.modules, "transformers", None)
-    assert "BLIP captions need torch and transformers" in views.unavailable(("torch", "transformers"),
+    assert "BLIP captions need torch and transformers" in unavailable(("torch", "transformers"),
                                                                            captioner._blip_modules)
 
 
@@ -174,3 +175,17 @@ def test_a_missing_package_disables_only_its_feature(tmp_path, monkeypatch):
     found = components(build_tab(studio))
     assert found["lora_maker_dataset_find_dupes"].interactive is False and found["lora_maker_dataset_check"].interactive is False
     assert found["lora_maker_dataset_move_marked"].interactive is not False  # the trash needs no imagehash
+
+
+def test_without_lycoris_training_is_disabled_with_the_fix_and_the_rest_works(monkeypatch, tmp_path):
+    import importlib.util
+
+    from lora_trainer_ext.app import standalone_studio
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lycoris" else find_spec(name, *a))
+    blocks = build_tab(standalone_studio(root=tmp_path))
+    by_id = {getattr(b, "elem_id", None): b for b in blocks.blocks.values()}
+    assert "pip install &#x27;lycoris-lora&lt;4&#x27;" in by_id["lora_maker_train_missing"].value  # escaped HTML
+    assert by_id["lora_maker_train_start"].interactive is False
+    assert by_id["lora_maker_dataset_check"].interactive is not False  # only training is off

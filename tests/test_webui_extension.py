@@ -8,8 +8,9 @@ install.py runs as the WebUI runs it, and the WebUI starts as a server on 127.0.
 --api-auth. First with a module broken on purpose: the WebUI still works and the tab says why. Then:
 the API makes a dataset (scrape from a loopback booru, tiny tagger, tag edits) and trains while the
 WebUI's own progress reports and its progress bar in the tab show the job; the new LoRA is listed and
-renders in txt2img; the WebUI's Interrupt stops a run and saves it for resuming; the Train sub-tab
-starts a run and the job panel stops it; and after Reload UI the tab re-attaches to the job. Browser
+renders in txt2img; a grid job through the API renders its epochs as txt2img does; the WebUI's
+Interrupt stops a run and saves it for resuming; the Train sub-tab starts a run and the job panel
+stops it; and after Reload UI the tab re-attaches to the job. Browser
 checks run in headless Chromium (screenshots and the WebUI's logs in test-artifacts/). The WebUI
 folder is left as it was: its settings, UI config and caches go to a temporary folder, and the
 extension folder is removed again.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -35,6 +37,7 @@ import tiny_onnx
 from booru_server import FakePost, serve_booru
 from browser import ARTIFACTS, loopback_only
 from conftest import image_bytes
+from PIL import Image
 
 from lora_trainer_ext.presets import preset_names
 
@@ -214,10 +217,15 @@ def webui(tmp_path_factory, broken_tab):
 
 def _wait_until_up(ui: WebUI, server: subprocess.Popen, timeout: float = 300) -> None:
     # The Lora extension adds /sdapi/v1/loras in on_app_started, after the WebUI's API is complete
-    # (txt2img can fail before that); our routes are added in the same callback round.
+    # (txt2img can fail before that); our routes are added in the same callback round. No request goes
+    # out before the WebUI logs "Startup time:": one that reaches the app while the API is still being
+    # added makes starlette refuse its middleware ("Cannot add middleware after an application has started").
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert server.poll() is None, f"the WebUI exited ({server.returncode}):\n{ui.log_tail()}"
+        if "Startup time:" not in ui.log.read_text(encoding="utf-8", errors="replace"):
+            time.sleep(1)
+            continue
         try:
             if requests.get(ui.url + "/sdapi/v1/loras", timeout=5).status_code == 200:
                 return
@@ -403,6 +411,66 @@ def test_settings_page_has_the_lora_maker_section(webui, page, trained):
     assert page.locator("#setting_lora_maker_default_preset ul.options li").count() == 1 + len(preset_names())
     page.keyboard.press("Escape")
     page.locator("#tabs > .tab-nav button", has_text="LoRA Maker").click()
+
+
+def test_a_grid_job_renders_the_epochs_as_txt2img_does(webui, trained):
+    """A grid through the API, rendered in the server by the WebUI's txt2img pipeline (webui/render.py):
+    a LoRA cell is the very picture /sdapi/v1/txt2img gives for the prompt its infotext carries."""
+    render = {"sampler": "Euler", "scheduler": "Automatic", "steps": 2, "cfg_scale": 7, "width": 64, "height": 64,
+              "seed": 5}
+    job = webui.ok("POST", f"{API}/projects/{PROJECT}/grids",
+                   json={"weights": [0, 1], "prompts": [["main", "mychar, 1girl"]], "settings": render})
+    done = webui.wait_job()
+    assert done["id"] == job["id"] and done["kind"] == "grid" and done["state"] == "done", done
+    entry = webui.ok("GET", f"{API}/projects/{PROJECT}/grids")[0]
+    grid = webui.ok("GET", f"{API}/projects/{PROJECT}/grids/{entry['id']}")
+    assert grid["rendered"] == grid["total"] == 3 and grid["row_labels"] == ["epoch 1", "epoch 2"]
+    cell = next(c for c in grid["cells"] if c["lora"] == PROJECT and c["weight"] == 1)
+    assert cell["infotext"].startswith(f"mychar, 1girl, <lora:{PROJECT}:1>\n")
+    sheet = webui.call("GET", f"{API}/projects/{PROJECT}/grids/{entry['id']}/{grid['grids'][0]['file']}")
+    assert sheet.status_code == 200 and sheet.headers["content-type"] == "image/png"
+    picture = webui.call("GET", f"{API}/projects/{PROJECT}/grids/{entry['id']}/{cell['file']}")
+    assert picture.status_code == 200
+
+    txt2img = webui.ok("POST", "/sdapi/v1/txt2img", timeout=300, json={
+        "prompt": cell["prompt"], "seed": 5, "sampler_name": "Euler", "scheduler": "Automatic", "steps": 2,
+        "cfg_scale": 7, "width": 64, "height": 64})
+    ours, theirs = (Image.open(io.BytesIO(data)).convert("RGB") for data in
+                    (picture.content, base64.b64decode(txt2img["images"][0])))
+    assert ours.tobytes() == theirs.tobytes()
+    infotext = json.loads(txt2img["info"])["infotexts"][0]
+    same = ("Prompt", "Seed", "Steps", "Sampler", "Schedule type", "Model", "Lora hashes")
+    assert {k: v for k, v in _parse_infotext(cell["infotext"]).items() if k in same} == \
+        {k: v for k, v in _parse_infotext(infotext).items() if k in same}
+
+
+def test_a_grid_cell_is_sent_to_txt2img(webui, page, trained):
+    """The Test sub-tab shows the grid the API rendered; a cell's "Send to txt2img" fills the WebUI's
+    own txt2img fields from its infotext (the WebUI's paste buttons) and switches to txt2img."""
+    entry = webui.ok("GET", f"{API}/projects/{PROJECT}/grids")[0]
+    page.locator("#tabs > .tab-nav button", has_text="LoRA Maker").click()
+    page.click("#lora_maker_tabs .tab-nav button:has-text('Test')")
+    page.wait_for_function("(document.querySelector('#lora_maker_test_grid_pick input') || {}).value"
+                           f"?.startsWith({json.dumps(entry['id'])})", timeout=60_000)
+    page.click("#lora_maker_test_pick_recommended")
+    page.wait_for_selector("#lora_maker_test_cell_info [data-epoch]")
+    infotext = page.input_value("#lora_maker_test_infotext textarea")
+    assert f"<lora:{PROJECT}" in infotext.split("\n")[0], infotext
+    shot(page, "06-test-sub-tab-cell")
+    page.click("#lora_maker_test_send")
+    page.wait_for_function("document.querySelector('#txt2img_prompt textarea').value.includes('<lora:')")
+    assert page.input_value("#txt2img_prompt textarea") == infotext.split("\n")[0]
+    assert page.input_value("#txt2img_seed input") == "5" and page.input_value("#txt2img_steps input") == "2"
+    assert page.locator("#tab_txt2img").is_visible()
+    shot(page, "07-sent-to-txt2img")
+    page.locator("#tabs > .tab-nav button", has_text="LoRA Maker").click()
+
+
+def _parse_infotext(text: str) -> dict:
+    """The prompt and the "key: value" fields of an infotext's last line (enough for plain values)."""
+    *prompt, params = text.split("\n")
+    fields = dict(item.split(": ", 1) for item in params.split(", ") if ": " in item)
+    return {"Prompt": "\n".join(prompt), **fields}
 
 
 def test_the_webui_interrupt_stops_a_run_and_saves_it_for_resuming(webui, trained):

@@ -25,8 +25,9 @@ def build_tab(studio: Studio):
         with gr.Tabs(elem_id="lora_maker_tabs"):
             with gr.Tab("Dataset", elem_id="lora_maker_dataset_tab"):
                 dataset.build(ctx)
-            with gr.Tab("Train", elem_id="lora_maker_train_tab"):
-                train.build(ctx)
-            with gr.Tab("Test", elem_id="lora_maker_test_tab"):
-                evaluate.build(ctx)
+            # Train and Test also refresh when opened: what the Dataset sub-tab changed shows there.
+            with gr.Tab("Train", elem_id="lora_maker_train_tab") as train_tab:
+                train.build(ctx, train_tab)
+            with gr.Tab("Test", elem_id="lora_maker_test_tab") as test_tab:
+                evaluate.build(ctx, test_tab)
     return blocks

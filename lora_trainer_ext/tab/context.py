@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -38,3 +39,16 @@ def shows_errors(fn: Callable) -> Callable:
             raise gr.Error(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}") from None
 
     return handler
+
+
+def unavailable(modules: tuple[str, ...], explain: Callable[[], object]) -> str | None:
+    """Why a feature can't run in this Python (one of `modules` is not installed), or None. `explain`
+    is the feature's own import check, so the message (with its install hint) is the one the
+    feature itself would raise."""
+    if all(importlib.util.find_spec(m) is not None for m in modules):
+        return None
+    try:
+        explain()
+    except LoraMakerError as e:
+        return str(e)
+    return None

@@ -7,7 +7,7 @@ finished scrape shows in Review without a click) or another part edits the datas
 from __future__ import annotations
 
 from ..report import dataset_report
-from .context import TabContext, shows_errors
+from .context import TabContext, shows_errors, unavailable
 
 
 def build(ctx: TabContext) -> None:
@@ -29,7 +29,7 @@ def build(ctx: TabContext) -> None:
         with gr.Tab("Curate", elem_id="lora_maker_dataset_curate_tab"):
             dataset_curate.build(ctx, edited)
         with gr.Tab("Check", elem_id="lora_maker_dataset_check_tab"):
-            missing = views.unavailable(("imagehash",), views.need_imagehash)  # the report decodes every image
+            missing = unavailable(("imagehash",), views.need_imagehash)  # the report decodes every image
             with gr.Row(elem_classes="lora-maker-compact"):
                 check = gr.Button("Check the dataset", elem_id="lora_maker_dataset_check", interactive=not missing,
                                   scale=0, min_width=200)

@@ -8,13 +8,13 @@ import gradio as gr
 from .. import dedupe
 from ..errors import LoraMakerError
 from . import dataset_views as views
-from .context import TabContext, shows_errors
+from .context import TabContext, shows_errors, unavailable
 
 TRASH_LABEL = "Move duplicates to trash"
 
 
 def build(ctx: TabContext, edited) -> None:
-    missing = views.unavailable(("imagehash",), views.need_imagehash)
+    missing = unavailable(("imagehash",), views.need_imagehash)
     with gr.Row(elem_classes="lora-maker-compact"):
         threshold = gr.Slider(0, dedupe.MAX_THRESHOLD, value=dedupe.DEFAULT_THRESHOLD, step=1,
                               label="Most bits apart (of 64): 0 = identical, 8 also catches resized and re-saved copies",

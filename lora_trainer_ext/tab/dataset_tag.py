@@ -8,14 +8,13 @@ import gradio as gr
 from .. import captioner, tagger
 from ..captions import join_tags, split_tags
 from ..tagger import EXISTING_MODES, WD_MODELS, TagOptions
-from . import dataset_views as views
-from .context import TabContext, shows_errors
+from .context import TabContext, shows_errors, unavailable
 
 
 def build(ctx: TabContext) -> None:
     defaults = ctx.studio.default_tag_options()
-    no_tagger = views.unavailable(("onnxruntime",), tagger._onnxruntime)
-    no_blip = views.unavailable(("torch", "transformers"), captioner._blip_modules)
+    no_tagger = unavailable(("onnxruntime",), tagger._onnxruntime)
+    no_blip = unavailable(("torch", "transformers"), captioner._blip_modules)
     with gr.Row(elem_classes="lora-maker-compact"):
         model = gr.Dropdown(list(WD_MODELS), value=ctx.studio.default_tagger(), allow_custom_value=True, scale=3,
                             label="WD tagger: a known model, another Hugging Face repo id, or a local folder "

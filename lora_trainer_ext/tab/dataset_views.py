@@ -7,13 +7,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-import importlib.util
 import io
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 from PIL import Image
 
@@ -217,19 +215,6 @@ def trash_html(entries: list) -> str:
 
 
 # -- optional dependencies ---------------------------------------------------------------------------
-
-def unavailable(modules: tuple[str, ...], explain: Callable[[], object]) -> str | None:
-    """Why a feature can't run in this Python (one of `modules` is not installed), or None. `explain`
-    is the feature's own import check, so the message (with its install hint) is the one the
-    feature itself would raise."""
-    if all(importlib.util.find_spec(m) is not None for m in modules):
-        return None
-    try:
-        explain()
-    except LoraMakerError as e:
-        return str(e)
-    return None
-
 
 def need_imagehash() -> None:
     try:

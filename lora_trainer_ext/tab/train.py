@@ -17,9 +17,10 @@ import threading
 from .. import presets, train_settings
 from ..errors import LoraMakerError
 from ..host import SD1
+from ..network import require_lycoris
 from ..project import Project
 from ..train_settings import TrainSettings
-from .context import TabContext, shows_errors
+from .context import TabContext, shows_errors, unavailable
 from .train_form import GROUPS, KEYS, component, form_values, settings_from
 from .train_summary import error_html, plan_html, vram_html
 
@@ -87,7 +88,7 @@ def _notes(lines: list[str], css: str = "lora-maker-note") -> str:
     return f'<ul class="{css}">' + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>"
 
 
-def build(ctx: TabContext) -> None:
+def build(ctx: TabContext, tab) -> None:
     import gradio as gr
 
     studio = ctx.studio
@@ -115,9 +116,15 @@ def build(ctx: TabContext) -> None:
         # Buttons first: the live boxes below them change height as the user types, and must not
         # move a button between the press and the release of a click.
         with gr.Column(scale=2, min_width=320, elem_id="lora_maker_train_side"):
+            missing = unavailable(("lycoris",), require_lycoris)  # the form still works; training can't
+            if missing:
+                gr.HTML(f'<p class="lora-maker-error">{html.escape(missing)}</p>', elem_id="lora_maker_train_missing")
             with gr.Row():
-                start = gr.Button("Start training", variant="primary", elem_id="lora_maker_train_start")
+                start = gr.Button("Start training", variant="primary", elem_id="lora_maker_train_start",
+                                  interactive=not missing)
                 resume = gr.Button("Resume", visible=False, elem_id="lora_maker_train_resume")
+            grid = gr.Checkbox(True, label="Render a test grid when training ends (see the Test tab)",
+                               elem_id="lora_maker_train_grid")
             with gr.Row():
                 save = gr.Button("Save settings", size="sm", elem_id="lora_maker_train_save")
                 load = gr.Button("Load saved", size="sm", elem_id="lora_maker_train_load")
@@ -202,20 +209,20 @@ def build(ctx: TabContext) -> None:
         train_settings.save(p, settings)
         return _notes([f"Saved to {p.settings_path}"])
 
-    def run(name, values, resume_run: bool):
+    def run(name, values, resume_run: bool, with_grid: bool):
         p, settings = checked(name, values)
-        studio.start_training(p.name, settings, resume=resume_run)
+        studio.start_training(p.name, settings, resume=resume_run, grid=bool(with_grid))
         train_settings.save(p, settings)  # the run's settings stay with the project (and Resume uses them)
         what = "Resumed the interrupted run" if resume_run else "Training started"
         return _notes([f"{what} (settings saved): progress and the loss chart are above"]), gr.Button.update(visible=False)
 
     @shows_errors
-    def start_training(name, *values):
-        return run(name, values, resume_run=False)
+    def start_training(name, with_grid, *values):
+        return run(name, values, resume_run=False, with_grid=with_grid)
 
     @shows_errors
-    def resume_training(name, *values):
-        return run(name, values, resume_run=True)
+    def resume_training(name, with_grid, *values):
+        return run(name, values, resume_run=True, with_grid=with_grid)
 
     def resume_visibility(name):
         try:
@@ -234,11 +241,12 @@ def build(ctx: TabContext) -> None:
     opened = [*form, output, resume, message, preset_note]
     ctx.project.change(open_project, ctx.project, opened, queue=False, show_progress="minimal")
     ctx.job_event.change(resume_visibility, ctx.project, resume, queue=False)
+    tab.select(live, live_inputs, [plan, estimate], queue=False, show_progress="hidden")  # images added meanwhile
     # These set every input: a spinner on each would cover the whole form for a moment.
     apply.click(apply_preset, [ctx.project, purpose, tier, *fields], [*form, preset_note], queue=False,
                 show_progress="minimal")
     load.click(load_saved, ctx.project, [*form, message], queue=False, show_progress="minimal")
     reset.click(reset_form, ctx.project, [*form, message], queue=False, show_progress="minimal")
     save.click(save_settings, [ctx.project, *fields], message, queue=False)
-    start.click(start_training, [ctx.project, *fields], [message, resume], queue=False)
-    resume.click(resume_training, [ctx.project, *fields], [message, resume], queue=False)
+    start.click(start_training, [ctx.project, grid, *fields], [message, resume], queue=False)
+    resume.click(resume_training, [ctx.project, grid, *fields], [message, resume], queue=False)
