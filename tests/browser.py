@@ -34,6 +34,13 @@ def chromium():
         browser.close()
 
 
+def create_project(page, name: str) -> None:
+    """Create project `name` with the picker and wait until it is the picked one."""
+    page.fill("#lora_maker_new_project textarea", name)
+    page.click("#lora_maker_create_project")
+    page.wait_for_function(f"() => document.querySelector('#lora_maker_project input').value === {name!r}")
+
+
 def loopback_only(page, blocked: list) -> None:
     """Let `page` reach only the loopback; what else it asks for is refused and listed in `blocked`."""
     def route(r):

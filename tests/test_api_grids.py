@@ -8,17 +8,15 @@ import io
 import json
 import threading
 
-import httpx
 import pytest
 from conftest import add_image
 from PIL import Image
-from test_api import raw, serve, wait_job
+from test_api import api, raw, wait_job  # noqa: F401 (api: a fixture)
 from test_trainer import FAST
 from tiny_hosts import make_checkpoint
 from tiny_onnx import write_tagger
 
 from lora_trainer_ext import lora_file
-from lora_trainer_ext.api import PREFIX
 from lora_trainer_ext.app import standalone_studio
 from lora_trainer_ext.grid_plan import RenderSettings
 from lora_trainer_ext.paths import OPT_DEFAULT_TAGGER
@@ -47,12 +45,6 @@ def studio(tmp_path_factory):
     return studio
 
 
-@pytest.fixture
-def api(studio):
-    with serve(studio) as port:
-        base = f"http://127.0.0.1:{port}{PREFIX}"  # loopback: the server above
-        with httpx.Client(base_url=base, timeout=60) as client:
-            yield client
 
 
 def test_a_grid_job_then_its_list_json_and_pngs_and_nothing_else(api, studio):

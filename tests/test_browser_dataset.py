@@ -8,15 +8,15 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import tiny_onnx
+from booru_server import FakePost, no_booru_credentials, serve_booru  # noqa: F401 (a fixture)
+from browser import create_project
 from PIL import Image
 
-from booru_server import FakePost, no_booru_credentials, serve_booru  # noqa: F401 (a fixture)
 from lora_trainer_ext.app import standalone_studio
 from lora_trainer_ext.captions import read_caption
 from lora_trainer_ext.history import History
 from lora_trainer_ext.images import IMAGE_EXTS
-
-import tiny_onnx
 
 KEY, USER = "secret-key", "4242"
 
@@ -79,9 +79,7 @@ def test_dataset_tab_end_to_end(tmp_path, open_ui, no_booru_credentials):  # noq
         page = ui.page
 
         # A new project.
-        page.fill("#lora_maker_new_project textarea", "mychar")
-        page.click("#lora_maker_create_project")
-        page.wait_for_function("() => document.querySelector('#lora_maker_project input').value === 'mychar'")
+        create_project(page, "mychar")
         project = studio.project("mychar")
 
         # Scrape: without credentials Gelbooru answers 401, which shows as the error toast.

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import tiny_onnx
 from booru_server import FakePost, no_booru_credentials, serve_booru  # noqa: F401 (a fixture)
+from browser import create_project
 from test_browser_dataset import BLUE, GREEN, RED, captions, names, picture, see, subtab, wait_job
 from test_browser_train import PLAN, fill, pick, steps_shown
 from tiny_hosts import make_checkpoint
 
-import tiny_onnx
 from lora_trainer_ext.app import standalone_studio
 from lora_trainer_ext.lora_file import read_lora
 
@@ -46,9 +47,7 @@ def test_a_newcomer_makes_a_lora_from_a_tag_query_without_leaving_the_tab(tmp_pa
         page = ui.page
 
         # A project.
-        page.fill("#lora_maker_new_project textarea", "alice")
-        page.click("#lora_maker_create_project")
-        page.wait_for_function("() => document.querySelector('#lora_maker_project input').value === 'alice'")
+        create_project(page, "alice")
         project = studio.project("alice")
 
         # Scrape: Safebooru (no account needed) at the loopback mirror; Count, then Download.

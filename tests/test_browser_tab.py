@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 
 
+from browser import create_project
+
 from lora_trainer_ext.app import standalone_studio
 from lora_trainer_ext.trainer import Result, Status
 
@@ -16,9 +18,7 @@ def test_projects_are_created_and_picked_and_bad_names_are_refused(open_ui, tmp_
     ui = open_ui(studio)
     page = ui.page
     page.wait_for_function("document.querySelector('#lora_maker_project input').value === 'existing'")
-    page.fill("#lora_maker_new_project textarea", "mychar")
-    page.click("#lora_maker_create_project")
-    page.wait_for_function("document.querySelector('#lora_maker_project input').value === 'mychar'")
+    create_project(page, "mychar")
     assert (tmp_path / "projects" / "mychar" / "dataset").is_dir()
     ui.shot("created")
     page.fill("#lora_maker_new_project textarea", "../escape")

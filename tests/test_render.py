@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 import torch
 from conftest import add_image
 from tiny_hosts import make_checkpoint
+from webui_env import CHECKPOINT, PYTHON, WEBUI, needs_webui
 
 from lora_trainer_ext import lora_file
 from lora_trainer_ext.errors import LoraMakerError
@@ -272,9 +272,6 @@ def test_v_prediction_and_sdxl_render(kind, tmp_path):
 
 # -- against the real WebUI -------------------------------------------------------------------------------
 
-WEBUI = os.environ.get("LORA_MAKER_WEBUI_DIR")
-PYTHON = os.environ.get("LORA_MAKER_WEBUI_PYTHON")
-CHECKPOINT = os.environ.get("LORA_MAKER_WEBUI_CHECKPOINT", "models/Stable-diffusion/tiny-sd1-blocks.safetensors")
 CASES = [  # sampler, schedule, prompt, negative, cfg, steps, weight
     ("Euler", "Automatic", "mychar, 1girl, smile", "lowres", 7, 6, 0),
     ("DPM++ 2M", "Automatic", "mychar, 1girl, smile", "", 7, 6, 0),
@@ -310,7 +307,7 @@ open(args[2], "w").write(json.dumps(out, default=str))
 """
 
 
-@pytest.mark.skipif(not (WEBUI and PYTHON), reason="no WebUI given (LORA_MAKER_WEBUI_DIR, LORA_MAKER_WEBUI_PYTHON)")
+@needs_webui
 @pytest.mark.timeout(600)
 def test_renders_and_infotexts_match_the_webuis_txt2img(tmp_path):
     from lora_trainer_ext.network import Network, NetworkConfig

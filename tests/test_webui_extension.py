@@ -38,15 +38,12 @@ from booru_server import FakePost, serve_booru
 from browser import ARTIFACTS, loopback_only
 from conftest import image_bytes
 from PIL import Image
+from webui_env import CHECKPOINT, PYTHON, REPO, WEBUI, needs_webui
 
 from lora_trainer_ext.presets import preset_names
 
-REPO = Path(__file__).resolve().parent.parent
-WEBUI = os.environ.get("LORA_MAKER_WEBUI_DIR")
-PYTHON = os.environ.get("LORA_MAKER_WEBUI_PYTHON")
-CHECKPOINT = os.environ.get("LORA_MAKER_WEBUI_CHECKPOINT", "models/Stable-diffusion/tiny-sd1-blocks.safetensors")
 pytestmark = [
-    pytest.mark.skipif(not (WEBUI and PYTHON), reason="no WebUI given (LORA_MAKER_WEBUI_DIR, LORA_MAKER_WEBUI_PYTHON)"),
+    needs_webui,
     pytest.mark.timeout(1500),
 ]
 

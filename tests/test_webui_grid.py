@@ -17,15 +17,12 @@ from pathlib import Path
 
 import pytest
 from tiny_onnx import write_tagger
+from webui_env import CHECKPOINT, PYTHON, REPO, WEBUI, needs_webui
 
 from lora_trainer_ext.grid_plan import DEFAULT_WEIGHTS
 
-REPO = Path(__file__).resolve().parent.parent
-WEBUI = os.environ.get("LORA_MAKER_WEBUI_DIR")
-PYTHON = os.environ.get("LORA_MAKER_WEBUI_PYTHON")
-CHECKPOINT = os.environ.get("LORA_MAKER_WEBUI_CHECKPOINT", "models/Stable-diffusion/tiny-sd1-blocks.safetensors")
 pytestmark = [
-    pytest.mark.skipif(not (WEBUI and PYTHON), reason="no WebUI given (LORA_MAKER_WEBUI_DIR, LORA_MAKER_WEBUI_PYTHON)"),
+    needs_webui,
     pytest.mark.timeout(1200),
 ]
 NAME, PROMPT = "gridchar", "gridchar, 1girl, red hair"

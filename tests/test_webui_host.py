@@ -6,17 +6,13 @@ for the WebUI, e.g. an offline HF cache, is inherited)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-from pathlib import Path
 
 import pytest
+from webui_env import CHECKPOINT, PYTHON, REPO, WEBUI, needs_webui
 
-REPO = Path(__file__).resolve().parent.parent
-WEBUI = os.environ.get("LORA_MAKER_WEBUI_DIR")
-PYTHON = os.environ.get("LORA_MAKER_WEBUI_PYTHON")
 pytestmark = [
-    pytest.mark.skipif(not (WEBUI and PYTHON), reason="no WebUI given (LORA_MAKER_WEBUI_DIR, LORA_MAKER_WEBUI_PYTHON)"),
+    needs_webui,
     pytest.mark.timeout(900),
 ]
 
@@ -26,7 +22,7 @@ def session(tmp_path_factory):
     # What the WebUI does for an extension at start: our install.py in its Python, from its folder.
     install = subprocess.run([PYTHON, str(REPO / "install.py")], cwd=WEBUI, capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stdout + install.stderr
-    checkpoint = os.environ.get("LORA_MAKER_WEBUI_CHECKPOINT", "models/Stable-diffusion/tiny-sd1-blocks.safetensors")
+    checkpoint = CHECKPOINT
     folder = tmp_path_factory.mktemp("webui")
     result = folder / "result.json"
     run = subprocess.run([PYTHON, str(REPO / "tests" / "webui_session.py"), str(REPO), str(folder / "projects"),

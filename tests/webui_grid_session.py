@@ -13,33 +13,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-FLAGS = ["--skip-prepare-environment", "--skip-install", "--skip-version-check", "--use-cpu", "all", "--no-half",
-         "--precision", "full", "--no-download-sd-model", "--skip-load-model-at-start", "--no-prompt-history"]
+from webui_session import start_webui
+
 NAME = "gridchar"
 PROMPT = "gridchar, 1girl, red hair"
 CAPTIONS = ["gridchar, 1girl, red hair, red theme", "gridchar, 1girl, red hair, blue theme",
             "gridchar, 1girl, red hair, smile", "gridchar, 1girl, dress, green theme"]
 COLOURS = ["red", "blue", "white", "green"]
-
-
-def start_webui(work: Path, checkpoint: str) -> None:
-    sys.argv = [sys.argv[0], *FLAGS, "--ckpt", checkpoint, "--lora-dir", str(work / "lora"),
-                "--ui-config-file", str(work / "ui-config.json"), "--ui-settings-file", str(work / "config.json")]
-    sys.path.insert(0, os.getcwd())
-    from modules import initialize
-
-    initialize.imports()
-    initialize.check_versions()
-    initialize.initialize()
-    from modules import script_callbacks, sd_models
-
-    script_callbacks.before_ui_callback()  # the built-in Lora registers <lora:...> here
-    sd_models.load_model()
 
 
 def digest(image) -> str:
@@ -161,7 +145,8 @@ def grid_findings(folder: Path, layer_file: str) -> dict:
 
 
 def main(repo: str, work: Path, checkpoint: str) -> dict:
-    start_webui(work, checkpoint)
+    start_webui(checkpoint, "--no-prompt-history", "--lora-dir", str(work / "lora"),
+                "--ui-config-file", str(work / "ui-config.json"), "--ui-settings-file", str(work / "config.json"))
     sys.path.insert(0, repo)
     from dataclasses import asdict
 

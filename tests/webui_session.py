@@ -16,8 +16,9 @@ FLAGS = ["--skip-prepare-environment", "--skip-install", "--skip-version-check",
          "--precision", "full", "--no-download-sd-model", "--skip-load-model-at-start"]
 
 
-def start_webui(checkpoint: str):
-    sys.argv = [sys.argv[0], *FLAGS, "--ckpt", checkpoint]  # parsed by modules.shared_cmd_options on import
+def start_webui(checkpoint: str, *flags: str):
+    """Bring the WebUI up in this process as webui.py does (plus `flags`); returns its loaded model."""
+    sys.argv = [sys.argv[0], *FLAGS, *flags, "--ckpt", checkpoint]  # parsed by modules.shared_cmd_options on import
     sys.path.insert(0, os.getcwd())
     from modules import initialize
 
