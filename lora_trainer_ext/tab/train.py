@@ -151,15 +151,18 @@ def build(ctx: TabContext, tab) -> None:
 
     order = LiveOrder()
 
+    def of_form(name, values) -> tuple[str, str]:
+        try:
+            settings = settings_from(values)
+        except LoraMakerError as e:
+            return error_html(str(e))
+        return summary(name, settings)
+
     def live(stamp, name, *values):
         with order.lock:
             if order.stale(stamp):
                 return gr.update(), gr.update()
-            try:
-                settings = settings_from(values)
-            except LoraMakerError as e:
-                return error_html(str(e))
-            return summary(name, settings)
+            return of_form(name, values)
 
     def where(name) -> str:
         if not name:
@@ -171,7 +174,8 @@ def build(ctx: TabContext, tab) -> None:
     def open_project(name):
         p = project(name)
         settings = train_settings.load(p) if p else TrainSettings()
-        return [*shown(name, settings), where(name), gr.Button.update(visible=can_resume(studio, p)), "", ""]
+        return [*shown(name, settings), where(name), gr.Button.update(visible=can_resume(studio, p)), "", "",
+                name or ""]
 
     @shows_errors
     def load_saved(name):
@@ -235,13 +239,20 @@ def build(ctx: TabContext, tab) -> None:
     for field in fields:
         # No progress overlay: it would flicker on every keystroke and shift the buttons under the cursor.
         field.input(live, live_inputs, [plan, estimate], queue=False, _js=_STAMP_JS, show_progress="hidden")
-        if isinstance(field, gr.Number):
+        if isinstance(field, gr.Number) and hasattr(field, "blur"):  # Gradio 4 (Forge): no blur; input suffices
             field.blur(live, live_inputs, [plan, estimate], queue=False, _js=_STAMP_JS, show_progress="hidden")
     form = [*fields, plan, estimate]
-    opened = [*form, output, resume, message, preset_note]
+    # which project's settings the form holds: set with them, so the browser never has one without the other
+    loaded = gr.Textbox(visible=False, elem_id="lora_maker_train_loaded")
+    opened = [*form, output, resume, message, preset_note, loaded]
     ctx.project.change(open_project, ctx.project, opened, queue=False, show_progress="minimal")
     ctx.job_event.change(resume_visibility, ctx.project, resume, queue=False)
-    tab.select(live, live_inputs, [plan, estimate], queue=False, show_progress="hidden")  # images added meanwhile
+    def reopened(loaded, name, *values):
+        """The tab opened: images may have come or gone since. Until the picked project's settings are in
+        the form (`loaded` is the project they are from), the values sent are not the project's: nothing."""
+        return of_form(name, values) if name and loaded == name else (gr.update(), gr.update())
+
+    tab.select(reopened, [loaded, ctx.project, *fields], [plan, estimate], queue=False, show_progress="hidden")
     # These set every input: a spinner on each would cover the whole form for a moment.
     apply.click(apply_preset, [ctx.project, purpose, tier, *fields], [*form, preset_note], queue=False,
                 show_progress="minimal")
