@@ -164,7 +164,7 @@ def test_train_then_grid_click_a_cell_and_use_its_epoch(open_ui, studio, tmp_pat
     assert (lora / "mychar-000002.safetensors").read_bytes() == last  # the last epoch is kept
     card = json.loads(lora_file.card_path(lora / "mychar.safetensors").read_text(encoding="utf-8"))
     assert card["preferred weight"] == 0.8 and card["activation text"] == "mychar"
-    assert "mychar-000002.safetensors" in page.inner_text("#lora_maker_test_files")
+    page.wait_for_selector("#lora_maker_test_files:has-text('mychar-000002.safetensors')", state="attached")
 
     # an older grid from the picker
     page.click("#lora_maker_test_grid_pick input")

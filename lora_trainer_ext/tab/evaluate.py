@@ -150,7 +150,7 @@ def build(ctx: TabContext, tab) -> None:
             empty = '<p class="lora-maker-note">No grid yet: render one with the settings above.</p>'
             return [gr.Dropdown.update(choices=[], value=None), gr.Radio.update(choices=[], value=None, visible=False),
                     None, empty, {"headers": SCORE_HEADERS, "data": []}, "", gr.Button.update(visible=False),
-                    gr.Column.update(visible=False)]
+                    gr.update(visible=False)]
         ids = [grid_id(x) for x in labels]
         label = labels[ids.index(grid_id(label))] if grid_id(label) in ids else labels[0]
         data = open_grid(project, label)
@@ -163,7 +163,7 @@ def build(ctx: TabContext, tab) -> None:
                 gr.Radio.update(choices=layers, value=layers[index] if layers else None, visible=len(layers) > 1),
                 str(image) if image else None, note, {"headers": SCORE_HEADERS, "data": score_rows(data)},
                 recommendation_html(data), gr.Button.update(visible=recommended_cell(data) is not None),
-                gr.Column.update(visible=True)]
+                gr.update(visible=True)]
 
     def cell_view(data, found):
         if found is None:

@@ -64,6 +64,24 @@ def forget_merged_networks() -> None:
         for module in model.modules():
             if getattr(module, "network_current_names", ()):
                 module.network_current_names = _OUT_OF_DATE
+    forget_forge_patches(sd_models.model_data.sd_model)
+
+
+def forget_forge_patches(model) -> None:
+    """Forge's counterpart: it patches the weights again only when the networks' file names or weights
+    change (`networks.load_networks` compares the model's `current_lora_hash`, each patcher's
+    `LoraLoader` its `loaded_hash`), and it keeps the tensors of the last files read in an lru_cache
+    keyed by the file name (`networks.load_lora_state_dict`). Clearing these makes the next generation
+    read the files and patch again; nothing else changes."""
+    load_lora_state_dict = getattr(_networks(), "load_lora_state_dict", None)
+    if load_lora_state_dict is not None:
+        load_lora_state_dict.cache_clear()
+    objects = getattr(model, "forge_objects", None)
+    if objects is None:  # A1111, or Forge before its first generation
+        return
+    model.current_lora_hash = None
+    for patcher in (objects.unet, objects.clip.patcher):
+        patcher.lora_loader.loaded_hash = None
 
 
 def refresh_loras() -> None:
@@ -80,12 +98,16 @@ class WebuiRenderer:
     """`render.Renderer` (and `render.GridAssembler`) on the WebUI's loaded model."""
 
     def __init__(self):
-        from modules import shared
+        from modules import sd_models, shared
 
         if _networks() is None:
             raise LoraMakerError("the WebUI's built-in Lora extension is off: enable it in Extensions to render grids")
         model = shared.sd_model  # loads the selected checkpoint if none is loaded (the job holds the lock)
         info = getattr(model, "sd_checkpoint_info", None)
+        if info is None and hasattr(sd_models, "forge_model_reload"):
+            # Forge loads its model in process_images (until then shared.sd_model is a stand-in): the
+            # selected checkpoint is the one the first cell will load.
+            info = sd_models.select_checkpoint()
         if info is None:
             raise LoraMakerError("no Stable Diffusion model is loaded: pick a checkpoint in the WebUI first")
         self.checkpoint = info.title  # pinned for every cell of this grid
