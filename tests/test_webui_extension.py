@@ -122,10 +122,11 @@ def _webui_status() -> str | None:
     return run.stdout if run.returncode == 0 else None
 
 
-def _install_extension(target: Path, env: dict) -> None:
+def _install_extension(target: Path, env: dict, python: str | None = PYTHON, webui: str | None = WEBUI) -> None:
     """What Install from URL does: the repository's files (a clone has the tracked ones; untracked,
     not-ignored files stand in for work not committed yet) in extensions/<name>, then its install.py
-    once, from the WebUI folder with the WebUI folder on PYTHONPATH (launch_utils.run_extension_installer)."""
+    once, from the WebUI folder with the WebUI folder on PYTHONPATH (launch_utils.run_extension_installer).
+    `python`, `webui`: another WebUI's (Forge's, tests/test_forge_grid.py)."""
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
                             check=True).stdout.decode().split("\0")
     for name in filter(None, listed):
@@ -133,7 +134,7 @@ def _install_extension(target: Path, env: dict) -> None:
         if source.is_file():  # a tracked file deleted in the work tree is not part of the checkout
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target / name)
-    install = subprocess.run([PYTHON, str(target / "install.py")], cwd=WEBUI, env={**env, "PYTHONPATH": WEBUI},
+    install = subprocess.run([python, str(target / "install.py")], cwd=webui, env={**env, "PYTHONPATH": webui},
                              capture_output=True, text=True, timeout=900)
     complaints = [line for line in install.stdout.splitlines()
                   if line.startswith("LoRA Maker:") and not line.startswith("LoRA Maker: installed")]
