@@ -14,10 +14,8 @@ the Forge folder is left as it was.
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,8 +25,7 @@ import pytest
 import requests
 from conftest import add_image
 from PIL import Image
-from test_webui_extension import API, ARTIFACTS, EXTENSION, WebUI, _free_port, _install_extension, _parse_infotext, \
-    _stop, _wait_until_up
+from test_webui_extension import API, ARTIFACTS, Install, _launched, _parse_infotext
 from tiny_onnx import write_tagger
 from webui_env import FORGE, FORGE_CHECKPOINT, FORGE_PYTHON, needs_forge
 
@@ -43,7 +40,6 @@ PROJECT = "forgetest"
 # Forge's flags for a CPU-only machine whose environment is already installed.
 CPU_FLAGS = ["--skip-prepare-environment", "--skip-install", "--skip-version-check", "--always-cpu",
              "--no-download-sd-model"]
-AUTH = ("user", "secret")  # test_webui_extension.WebUI's default credentials
 # A LoRA in seconds: 4 images x 1 repeat x 2 epochs / batch 2 = 4 steps, an epoch file after each.
 TRAIN = dict(resolution=64, min_bucket=64, max_bucket=128, bucket_step=64, repeats=1, epochs=2, batch_size=2,
              dim=4, alpha=4, mixed_precision="no", unet_lr=1e-3, text_encoder_lr=1e-4, save_every_n_epochs=1)
@@ -84,48 +80,14 @@ def _train_lora(home: Path) -> None:
         [f"{PROJECT}-000001.safetensors", f"{PROJECT}.safetensors"]
 
 
-@contextlib.contextmanager
-def _launched(home: Path):
-    """Forge running with the extension installed; afterwards the server is stopped, its log kept in
-    the artifacts, the extension folder removed and the Forge folder as it was before."""
-    before = _forge_files()
-    target = Path(FORGE) / "extensions" / EXTENSION
-    shutil.rmtree(target, ignore_errors=True)  # left over from a run that was killed
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "SD_WEBUI_CACHE_FILE": str(home / "cache.json"),
-           "SD_WEBUI_CACHE_DIR": str(home / "cache")}
-    settings = {"lora_maker_projects_root": str(home / "projects"), "lora_maker_model_cache": str(home / "models"),
-                "lora_maker_tagger": str(write_tagger(home / "tagger"))}
-    (home / "config.json").write_text(json.dumps(settings), encoding="utf-8")
-    port = _free_port()
-    log = home / "forge.log"
-    server = None
-    try:
-        _install_extension(target, env, python=FORGE_PYTHON, webui=FORGE)
-        args = [FORGE_PYTHON, "launch.py", *CPU_FLAGS, "--port", str(port), "--api", "--api-auth", ":".join(AUTH),
-                "--lora-dir", str(home / "lora"), "--ckpt", FORGE_CHECKPOINT, "--ui-settings-file",
-                str(home / "config.json"), "--ui-config-file", str(home / "ui-config.json"), "--no-prompt-history"]
-        with open(log, "wb") as out:
-            server = subprocess.Popen(args, cwd=FORGE, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
-        ui = WebUI(f"http://127.0.0.1:{port}", log, home)  # loopback
-        _wait_until_up(ui, server)
-        yield ui
-    finally:
-        if server is not None:
-            _stop(server)
-        if log.is_file():
-            ARTIFACT_DIR.mkdir(parents=True, exist_ok=True)
-            shutil.copy(log, ARTIFACT_DIR / "forge.log")
-        shutil.rmtree(target, ignore_errors=True)
-    assert _forge_files() == before, "the test changed the Forge folder"
-
-
 @pytest.fixture(scope="module")
 def forge(tmp_path_factory):
     shutil.rmtree(ARTIFACT_DIR, ignore_errors=True)
     home = tmp_path_factory.mktemp("forge")
     _train_lora(home)
-    with _launched(home) as ui:
+    install = Install(FORGE_PYTHON, FORGE, FORGE_CHECKPOINT, CPU_FLAGS, ARTIFACT_DIR, _forge_files)
+    tagger = {"lora_maker_tagger": str(write_tagger(home / "tagger"))}
+    with _launched(home, "forge.log", install=install, settings=tagger) as ui:
         yield ui
 
 

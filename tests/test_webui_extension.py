@@ -29,7 +29,9 @@ import socket
 import subprocess
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import requests
@@ -122,6 +124,22 @@ def _webui_status() -> str | None:
     return run.stdout if run.returncode == 0 else None
 
 
+@dataclass(frozen=True)
+class Install:
+    """A WebUI install the tests launch: its Python, folder, checkpoint and CPU flags, where its logs go,
+    and `snapshot()`, what must be the same after a run as before it."""
+
+    python: str | None
+    folder: str | None
+    checkpoint: str
+    flags: list[str]
+    artifacts: Path
+    snapshot: Callable[[], object] = field(compare=False)
+
+
+A1111 = Install(PYTHON, WEBUI, CHECKPOINT, CPU_FLAGS, ARTIFACT_DIR, _webui_status)
+
+
 def _install_extension(target: Path, env: dict, python: str | None = PYTHON, webui: str | None = WEBUI) -> None:
     """What Install from URL does: the repository's files (a clone has the tracked ones; untracked,
     not-ignored files stand in for work not committed yet) in extensions/<name>, then its install.py
@@ -142,28 +160,32 @@ def _install_extension(target: Path, env: dict, python: str | None = PYTHON, web
 
 
 @contextlib.contextmanager
-def _launched(home: Path, log_name: str, change=lambda extension: None):
-    """The WebUI running with the extension installed (after `change(extension_folder)`); afterwards
-    the server is stopped, its log kept in the artifacts, and the WebUI folder as it was before."""
-    before = _webui_status()
-    target = Path(WEBUI) / "extensions" / EXTENSION
+def _launched(home: Path, log_name: str, change=lambda extension: None, install: Install = A1111,
+              settings: dict | None = None):
+    """`install` running with the extension installed (after `change(extension_folder)`) and LoRA Maker's
+    `settings`; afterwards the server is stopped, its log kept in the artifacts, and the install's folder
+    as it was before."""
+    before = install.snapshot()
+    target = Path(install.folder) / "extensions" / EXTENSION
     shutil.rmtree(target, ignore_errors=True)  # left over from a run that was killed
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "SD_WEBUI_CACHE_FILE": str(home / "cache.json"),
            "SD_WEBUI_CACHE_DIR": str(home / "cache")}
     # Our settings in a config.json of the run's own, so the WebUI's config.json stays untouched.
-    settings = {"lora_maker_projects_root": str(home / "projects"), "lora_maker_model_cache": str(home / "models")}
+    settings = {"lora_maker_projects_root": str(home / "projects"), "lora_maker_model_cache": str(home / "models"),
+                **(settings or {})}
     (home / "config.json").write_text(json.dumps(settings), encoding="utf-8")
     port = _free_port()
-    log = home / "webui.log"
+    log = home / log_name
     server = None
     try:
-        _install_extension(target, env)
+        _install_extension(target, env, python=install.python, webui=install.folder)
         change(target)
-        args = [PYTHON, "launch.py", *CPU_FLAGS, "--port", str(port), "--api", "--api-auth", ":".join(AUTH),
-                "--lora-dir", str(home / "lora"), "--ckpt", CHECKPOINT, "--ui-settings-file", str(home / "config.json"),
-                "--ui-config-file", str(home / "ui-config.json"), "--no-prompt-history"]
+        args = [install.python, "launch.py", *install.flags, "--port", str(port), "--api", "--api-auth",
+                ":".join(AUTH), "--lora-dir", str(home / "lora"), "--ckpt", install.checkpoint,
+                "--ui-settings-file", str(home / "config.json"), "--ui-config-file", str(home / "ui-config.json"),
+                "--no-prompt-history"]
         with open(log, "wb") as out:
-            server = subprocess.Popen(args, cwd=WEBUI, env=env, stdout=out, stderr=subprocess.STDOUT,
+            server = subprocess.Popen(args, cwd=install.folder, env=env, stdout=out, stderr=subprocess.STDOUT,
                                       start_new_session=True)
         ui = WebUI(f"http://127.0.0.1:{port}", log, home)  # loopback
         _wait_until_up(ui, server)
@@ -172,9 +194,10 @@ def _launched(home: Path, log_name: str, change=lambda extension: None):
         if server is not None:
             _stop(server)
         if log.is_file():
-            shutil.copy(log, ARTIFACT_DIR / log_name)
+            install.artifacts.mkdir(parents=True, exist_ok=True)
+            shutil.copy(log, install.artifacts / log_name)
         shutil.rmtree(target, ignore_errors=True)
-    assert _webui_status() == before, "the test changed the WebUI folder"
+    assert install.snapshot() == before, f"the test changed {install.folder}"
 
 
 @pytest.fixture(scope="module")
