@@ -70,6 +70,15 @@ def see(page, selector: str, text: str, timeout: float = 15_000) -> None:
         }""", arg=[selector, text], timeout=timeout)
 
 
+def fill_tag_form(page, tagger_dir, existing: str) -> None:
+    """The Tag part, set to tag with the tagger in `tagger_dir` and do `existing` with captions there."""
+    subtab(page, "Tag")
+    tagger_input = page.locator("#lora_maker_dataset_tagger input")
+    tagger_input.fill(str(tagger_dir))
+    tagger_input.press("Enter")
+    page.locator("#lora_maker_dataset_existing label", has_text=existing).click()
+
+
 def test_dataset_tab_end_to_end(tmp_path, open_ui, no_booru_credentials):  # noqa: F811
     tagger_dir = tiny_onnx.write_tagger(tmp_path / "tiny-tagger")
     studio = standalone_studio(root=tmp_path / "projects", lora_dir=tmp_path / "lora", model_cache=tmp_path / "cache")
@@ -138,11 +147,7 @@ def test_dataset_tab_end_to_end(tmp_path, open_ui, no_booru_credentials):  # noq
         assert names(project.dataset_dir) == ["gelbooru_102.png", "gelbooru_104.jpg", "gelbooru_105.png"]
 
         # Tag with the tiny tagger from its folder, replacing the booru's tags.
-        subtab(page, "Tag")
-        tagger_input = page.locator("#lora_maker_dataset_tagger input")
-        tagger_input.fill(str(tagger_dir))
-        tagger_input.press("Enter")
-        page.locator("#lora_maker_dataset_existing label", has_text="overwrite").click()
+        fill_tag_form(page, tagger_dir, "overwrite")
         ui.shot("tag-form")
         page.click("#lora_maker_dataset_tag")
         see(page, "#lora_maker_dataset_tag_message", "Started")

@@ -12,7 +12,8 @@ import pytest
 import tiny_onnx
 from booru_server import FakePost, no_booru_credentials, serve_booru  # noqa: F401 (a fixture)
 from browser import create_project
-from test_browser_dataset import BLUE, GREEN, RED, captions, names, picture, see, subtab, wait_job
+from test_browser_dataset import (BLUE, GREEN, RED, captions, fill_tag_form, names, picture, see, subtab,
+                                  wait_job)
 from test_browser_train import PLAN, fill, pick, steps_shown
 from tiny_hosts import make_checkpoint
 
@@ -83,11 +84,7 @@ def test_a_newcomer_makes_a_lora_from_a_tag_query_without_leaving_the_tab(tmp_pa
         ui.shot("review-trashed")
 
         # Tag with the tiny tagger from its folder, after the booru's tags.
-        subtab(page, "Tag")
-        tagger_input = page.locator("#lora_maker_dataset_tagger input")
-        tagger_input.fill(str(tagger_dir))
-        tagger_input.press("Enter")
-        page.locator("#lora_maker_dataset_existing label", has_text="append").click()
+        fill_tag_form(page, tagger_dir, "append")
         page.click("#lora_maker_dataset_tag")
         see(page, "#lora_maker_dataset_tag_message", "Started")
         wait_job(page, "tag")
