@@ -205,8 +205,8 @@ class Studio:
     # ---- results ----
 
     def saved_loras(self, name: str) -> list[Path]:
-        """Project `name`'s LoRA files in its Lora folder: NAME.safetensors and the epoch and step saves
-        NAME-*.safetensors (not another project's NAME2-... in a shared folder)."""
+        """Project `name`'s LoRA files in its Lora folder: the epoch and step saves NAME-*.safetensors in
+        order, then NAME.safetensors (not another project's NAME2-... in a shared folder)."""
         from .project import validate_name
 
         folder = self.lora_dir(validate_name(name))

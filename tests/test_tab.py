@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from lora_trainer_ext.jobs import Job, JobRunner
-from lora_trainer_ext.tab import evaluate, job_panel, projects
+from lora_trainer_ext.tab import evaluate_view, job_panel, projects
 from lora_trainer_ext.trainer import Status
 
 
@@ -39,14 +39,19 @@ def test_the_panel_shows_a_training_jobs_numbers_and_escapes_text():
 
 
 def test_saved_loras_list_epochs_in_order_then_the_final_file(tmp_path):
-    for name in ("mine-000002", "mine", "mine-000001", "other"):
-        (tmp_path / f"{name}.safetensors").write_bytes(b"x" * 10)
-    files = evaluate.lora_files(tmp_path, "mine")
+    from lora_trainer_ext.app import standalone_studio
+
+    studio = standalone_studio(root=tmp_path / "projects", lora_dir=tmp_path / "lora")
+    folder = studio.lora_dir("mine")
+    folder.mkdir(parents=True)
+    for name in ("mine-000002", "mine", "mine-000001", "mine2-000001", "other"):
+        (folder / f"{name}.safetensors").write_bytes(b"x" * 10)
+    files = studio.saved_loras("mine")
     assert [p.stem for p in files] == ["mine-000001", "mine-000002", "mine"]
-    html = evaluate.render(files, tmp_path)
+    html = evaluate_view.files_html(files, folder)
     assert "&lt;lora:mine-000002:1&gt;" in html and "other" not in html
-    assert "train first" in evaluate.render([], tmp_path / "nothing")
-    assert evaluate.lora_files(tmp_path / "nothing", "mine") == []
+    assert "train first" in evaluate_view.files_html([], tmp_path / "nothing")
+    assert studio.saved_loras("nothing") == []
 
 
 def test_a_reloaded_page_shows_the_running_jobs_project(tmp_path):

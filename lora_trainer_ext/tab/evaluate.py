@@ -18,10 +18,8 @@ from ..grid_plan import saved_epochs
 from ..grids import use_epoch
 from .context import TabContext, shows_errors
 from .evaluate_view import (SCORE_HEADERS, SCORE_TYPES, cell_html, cell_image, clicked_cell, files_html, grid_id,
-                            grid_labels, grid_preview, layer_index, layer_labels, lora_files, open_grid,
+                            grid_labels, grid_preview, layer_index, layer_labels, open_grid,
                             recommendation_html, recommended_cell, saved_html, score_rows)
-
-render = files_html  # the saved-files list, by its older name (tests/test_tab.py)
 
 EPOCH_MODES = {"all": "all", "every k-th": "every", "chosen": "chosen"}
 # WebUI 1.10.1's samplers and schedule types (the standalone renderer draws Euler and DPM++ 2M).
@@ -136,7 +134,7 @@ def build(ctx: TabContext, tab) -> None:
         numbers = [str(e.number) for e in saved_epochs(folder, name)]
         kept = [c for c in checked or () if c in numbers] or numbers[-1:]
         return (gr.CheckboxGroup.update(choices=numbers, value=kept), saved_html(numbers, folder),
-                files_html(lora_files(folder, name), folder))
+                files_html(studio.saved_loras(name), folder))
 
     no_cell = [None, "", "", None, ""]  # cell, info, infotext, picked, used
 

@@ -213,14 +213,6 @@ def saved_html(numbers: list[str], folder: Path) -> str:
     return f'<p class="lora-maker-note">{text} (in <code>{html.escape(str(folder))}</code>)</p>'
 
 
-def lora_files(folder: Path, name: str) -> list[Path]:
-    """The project's LoRA files: its epochs in order, then the final one."""
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.glob(f"{name}*.safetensors") if p.stem == name or p.stem.startswith(f"{name}-")]
-    return sorted(found, key=lambda p: (p.stem == name, p.stem))
-
-
 def files_html(files: list[Path], folder: Path) -> str:
     if not files:
         return f'<p class="lora-maker-note">No LoRA saved yet in {html.escape(str(folder))}: train first.</p>'
