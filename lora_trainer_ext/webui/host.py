@@ -135,7 +135,7 @@ def training_session(host: WebuiHost) -> Iterator[None]:
     run (prompts re-apply them at the next generation), and its memory freed afterwards."""
     from modules import devices, shared
 
-    networks = _networks()
+    networks = networks_module()
     if networks is not None:
         networks.load_networks([])
         with torch.no_grad():  # as at inference, where the WebUI does this itself
@@ -150,7 +150,7 @@ def training_session(host: WebuiHost) -> Iterator[None]:
         devices.torch_gc()
 
 
-def _networks():
+def networks_module():
     """The built-in Lora extension's `networks` module, once its scripts are loaded (None without it)."""
     import sys
 

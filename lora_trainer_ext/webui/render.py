@@ -16,7 +16,6 @@ take it (it is not re-entrant).
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -27,11 +26,7 @@ from ..grid_image import describe
 from ..grid_plan import Cell, GridPlan, RenderSettings
 from ..net import Stopped
 from ..render import Rendered, number
-
-
-def _networks():
-    """The built-in Lora extension's `networks` module, once its scripts are loaded (None without it)."""
-    return sys.modules.get("networks")
+from .host import networks_module
 
 
 def forget_cached_conds() -> None:
@@ -73,7 +68,7 @@ def forget_forge_patches(model) -> None:
     `LoraLoader` its `loaded_hash`), and it keeps the tensors of the last files read in an lru_cache
     keyed by the file name (`networks.load_lora_state_dict`). Clearing these makes the next generation
     read the files and patch again; nothing else changes."""
-    load_lora_state_dict = getattr(_networks(), "load_lora_state_dict", None)
+    load_lora_state_dict = getattr(networks_module(), "load_lora_state_dict", None)
     if load_lora_state_dict is not None:
         load_lora_state_dict.cache_clear()
     objects = getattr(model, "forge_objects", None)
@@ -87,7 +82,7 @@ def forget_forge_patches(model) -> None:
 def refresh_loras() -> None:
     """LoRA files were written: rescan the Lora folder (the list the API and the cards show), and forget
     what was computed from files of the same names before (merged weights, prompt conditionings)."""
-    networks = _networks()
+    networks = networks_module()
     if networks is not None:
         networks.list_available_networks()
         forget_merged_networks()
@@ -100,7 +95,7 @@ class WebuiRenderer:
     def __init__(self):
         from modules import sd_models, shared
 
-        if _networks() is None:
+        if networks_module() is None:
             raise LoraMakerError("the WebUI's built-in Lora extension is off: enable it in Extensions to render grids")
         model = shared.sd_model  # loads the selected checkpoint if none is loaded (the job holds the lock)
         info = getattr(model, "sd_checkpoint_info", None)
@@ -143,7 +138,7 @@ class WebuiRenderer:
                 return Rendered(Image.new("RGB", (settings.width, settings.height)), infotext)
             if state.interrupted or not processed.images:  # sampling was cut short: the image is unfinished
                 raise Stopped("the grid was interrupted")
-            if cell.weight and cell.epoch.lora not in {net.name for net in _networks().loaded_networks}:
+            if cell.weight and cell.epoch.lora not in {net.name for net in networks_module().loaded_networks}:
                 raise LoraMakerError(f"the WebUI could not load the LoRA {cell.epoch.lora} ({cell.epoch.path}); "
                                      "its console says why")
             return Rendered(processed.images[0], self._infotext(p, processed.infotexts[0], cell))
