@@ -16,7 +16,7 @@ from lora_trainer_ext.errors import LoraMakerError
 from lora_trainer_ext.host import SD1, SD2, SDXL, SizeInfo
 from lora_trainer_ext.prompt import CHUNK_LENGTH, split_chunks, unescape
 from lora_trainer_ext.standalone import guess_v_prediction, load_checkpoint, openclip_to_hf
-from tiny_hosts import hf_to_openclip, make_checkpoint
+from tiny_hosts import checkpoints_of_every_kind, hf_to_openclip, make_checkpoint
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,11 +24,7 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoints")
-    return {
-        SD1: make_checkpoint(root / "sd1", SD1),
-        SD2: make_checkpoint(root / "sd2", SD2, v_prediction=True),
-        SDXL: make_checkpoint(root / "sdxl", SDXL),
-    }
+    return checkpoints_of_every_kind(root)
 
 
 @pytest.fixture(scope="module")

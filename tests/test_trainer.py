@@ -9,7 +9,7 @@ import csv
 import pytest
 import torch
 from conftest import add_image
-from tiny_hosts import make_checkpoint
+from tiny_hosts import checkpoints_of_every_kind
 
 from lora_trainer_ext import lora_file, objective
 from lora_trainer_ext.errors import LoraMakerError
@@ -30,11 +30,7 @@ FAST = dict(resolution=64, min_bucket=64, max_bucket=128, bucket_step=64, repeat
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")
-    return {
-        SD1: make_checkpoint(folder / "sd1", SD1),
-        SD2: make_checkpoint(folder / "sd2v", SD2, v_prediction=True),
-        SDXL: make_checkpoint(folder / "sdxl", SDXL),
-    }
+    return checkpoints_of_every_kind(folder)
 
 
 @pytest.fixture

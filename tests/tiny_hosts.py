@@ -32,3 +32,9 @@ def tiny_config(kind: str, v_prediction: bool = False, tokenizer: str = "tokeniz
 def make_checkpoint(folder, kind: str, v_prediction: bool = False, seed: int = 0) -> Path:
     """Write a tiny `kind` checkpoint (+ yaml + tokenizer/) into `folder`; returns the .safetensors path."""
     return random_models.preset_checkpoint(folder, "tiny", kind, v_prediction=v_prediction, seed=seed)
+
+
+def checkpoints_of_every_kind(folder: Path) -> dict[str, Path]:
+    """A tiny checkpoint of each kind under `folder`: SD1, SD2 (v-prediction, as SD2 768 is) and SDXL."""
+    return {SD1: make_checkpoint(folder / "sd1", SD1), SD2: make_checkpoint(folder / "sd2v", SD2, v_prediction=True),
+            SDXL: make_checkpoint(folder / "sdxl", SDXL)}
