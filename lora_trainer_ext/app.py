@@ -54,7 +54,7 @@ def standalone_studio(checkpoint: Path | None = None, root: Path | None = None, 
     def host():
         import torch
 
-        from .standalone import load_checkpoint
+        from .hosts.standalone import load_checkpoint
 
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.float16 if dev.startswith("cuda") else torch.float32
@@ -69,7 +69,7 @@ def standalone_studio(checkpoint: Path | None = None, root: Path | None = None, 
     def model_kind():
         if checkpoint is None:
             return None
-        from .standalone import detect_kind, read_state_dict
+        from .hosts.standalone import detect_kind, read_state_dict
 
         path = Path(checkpoint)
         if path.suffix.lower() == ".safetensors":  # the names alone, without reading gigabytes
@@ -81,7 +81,7 @@ def standalone_studio(checkpoint: Path | None = None, root: Path | None = None, 
 
     @contextlib.contextmanager
     def open_renderer():
-        from .standalone_render import StandaloneRenderer
+        from .hosts.standalone_render import StandaloneRenderer
 
         with open_host() as model:
             yield StandaloneRenderer(model)

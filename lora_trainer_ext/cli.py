@@ -30,15 +30,15 @@ projects live in --root (default: $LORA_MAKER_ROOT, the WebUI setting, <webui>/l
 
 
 def _csv(value: str) -> list[str]:
-    from .captions import split_tags
+    from .dataset.captions import split_tags
 
     return split_tags(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .boorus import BOORUS
-    from .dedupe import DEFAULT_THRESHOLD, MAX_THRESHOLD
-    from .tagger import DEFAULT_MODEL, EXISTING_MODES, TagOptions
+    from .dataset.boorus import BOORUS
+    from .dataset.dedupe import DEFAULT_THRESHOLD, MAX_THRESHOLD
+    from .dataset.tagger import DEFAULT_MODEL, EXISTING_MODES, TagOptions
 
     parser = argparse.ArgumentParser(
         prog="python -m lora_trainer_ext",
@@ -170,9 +170,9 @@ def _confirm(question: str) -> bool:
 
 
 def cmd_scrape(args, project_of) -> None:
-    from .boorus import make_client
-    from .net import Http
-    from .scrape import download, plan
+    from .dataset.boorus import make_client
+    from .dataset.http import Http
+    from .dataset.scrape import download, plan
 
     progress = _progress()
     # without --api-key/--user-id the client takes the stored ones (environment, WebUI settings)
@@ -192,7 +192,7 @@ def cmd_scrape(args, project_of) -> None:
 
 
 def cmd_dedupe(args, project_of) -> None:
-    from .dedupe import find_groups, scan, trash_duplicates
+    from .dataset.dedupe import find_groups, scan, trash_duplicates
 
     project = project_of()
     infos = scan(project, _progress())
@@ -216,7 +216,7 @@ def cmd_dedupe(args, project_of) -> None:
 
 
 def cmd_tag(args, project_of) -> None:
-    from .tagger import TagOptions, load_tagger, tag_project
+    from .dataset.tagger import TagOptions, load_tagger, tag_project
 
     project = project_of()
     options = TagOptions(threshold=args.threshold, character_threshold=args.character_threshold, existing=args.existing,
@@ -229,7 +229,7 @@ def cmd_tag(args, project_of) -> None:
 
 
 def cmd_caption(args, project_of) -> None:
-    from .captioner import caption_project, load_blip
+    from .dataset.captioner import caption_project, load_blip
 
     project = project_of()
     progress = _progress()
@@ -238,8 +238,8 @@ def cmd_caption(args, project_of) -> None:
 
 
 def cmd_tags(args, project_of) -> None:
-    from . import curate
-    from .history import History
+    from .dataset import curate
+    from .dataset.history import History
 
     project = project_of()
     if args.undo:
@@ -281,10 +281,11 @@ def cmd_tags(args, project_of) -> None:
 def cmd_train(args, project_of) -> None:
     import torch
 
-    from . import train_settings
+    from .hosts.standalone import load_checkpoint
     from .paths import default_lora_dir
-    from .standalone import load_checkpoint
-    from .trainer import Control, train
+    from .progress import Control
+    from .training import settings as train_settings
+    from .training.trainer import train
 
     project = project_of()
     settings = train_settings.load(project).replace(**train_settings.parse_set(args.settings))
@@ -324,13 +325,13 @@ def cmd_train(args, project_of) -> None:
 
 
 def cmd_report(args, project_of) -> None:
-    from .report import dataset_report
+    from .dataset.report import dataset_report
 
     _say(dataset_report(project_of(), _progress()).render())
 
 
 def cmd_trash(args, project_of) -> None:
-    from .trash import list_trash, restore
+    from .dataset.trash import list_trash, restore
 
     project = project_of()
     if args.restore is not None:
@@ -355,18 +356,18 @@ def cmd_ui(args, project_of) -> None:
 
 def cmd_bench(args, project_of) -> None:
     if args.what == "dedupe":
-        from .bench import dedupe_table
+        from .dev.bench import dedupe_table
 
         _say(dedupe_table(args.images))
         return
     import torch
 
-    from .bench import train_benchmark, train_row, train_table
+    from .dev.bench import train_benchmark, train_row, train_table
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
     if args.what == "grid":
-        from .bench import grid_benchmark, grid_row, grid_table
+        from .dev.bench import grid_benchmark, grid_row, grid_table
 
         rows = grid_benchmark(args.model or (["sd15", "sdxl"] if gpu else ["tiny", "small"]),
                               steps=args.steps if args.steps is not None else 20, resolution=args.resolution,

@@ -17,10 +17,9 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Callable, ContextManager
 
+from .dataset.http import Stopped
 from .errors import LoraMakerError
-from .net import Stopped
-from .progress import Progress, Task
-from .trainer import Control, Status
+from .progress import Control, Progress, Status, Task
 
 RUNNING, DONE, STOPPED, FAILED = "running", "done", "stopped", "failed"
 _ids = itertools.count(1)

@@ -2,9 +2,14 @@
 
 Library code takes a `Progress`; the default reports nothing, the CLI shows tqdm bars, and the WebUI
 adapter drives the WebUI's own progress bar and interrupt button through the same two methods.
+A job's work also gets a `Control` (the user's stop and save requests) and reports `Status`es.
+This module imports nothing heavy: starting a download or tagging job never loads torch.
 """
 
 from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
 
 
 class Task:
@@ -46,3 +51,44 @@ class _TqdmTask(Task):
 
     def __exit__(self, *exc) -> None:
         self.bar.close()
+
+
+class Control:
+    """How the user steers a running training from another thread (the tab's buttons, Ctrl-C)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.stop_requested = False
+        self.save_on_stop = False
+        self.save_requested = False
+
+    def stop(self, save: bool = False) -> None:
+        with self._lock:
+            self.stop_requested = True
+            self.save_on_stop = self.save_on_stop or save
+
+    def save_now(self) -> None:
+        with self._lock:
+            self.save_requested = True
+
+    def take_save_request(self) -> bool:
+        with self._lock:
+            wanted, self.save_requested = self.save_requested, False
+            return wanted
+
+
+@dataclass
+class Status:
+    """One progress report: after every step, and at phase changes (`phase`)."""
+
+    phase: str  # "caching latents", "training", "saving", "done"
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0  # 1-based while training
+    epochs: int = 0
+    loss: float | None = None  # running mean of the last steps
+    lr: float | None = None
+    it_per_s: float | None = None
+    eta_s: float | None = None
+    message: str = ""  # what to tell the user at a phase change (the step arithmetic, its warnings)
+    peak_memory_gb: float | None = None  # the GPU's peak allocation so far (None on the CPU)

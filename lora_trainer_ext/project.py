@@ -15,8 +15,8 @@ import re
 from pathlib import Path
 
 from . import files
+from .dataset.images import IMAGE_EXTS
 from .errors import LoraMakerError
-from .images import IMAGE_EXTS
 
 # Names end up in file names and in prompts (`<lora:NAME:0.8>`): letters, digits, `_`, `-`, `.`;
 # no spaces, colons, brackets or path separators.

@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
-from . import train_settings
-from .host import Host
+from .hosts.host import Host
 from .jobs import Job, JobProgress, JobRunner
 from .paths import OPT_DEFAULT_PRESET, OPT_DEFAULT_TAGGER, OPT_TAG_CHARACTER_THRESHOLD, OPT_TAG_THRESHOLD
+from .progress import Status
 from .project import Project, list_projects
-from .train_settings import TrainSettings
-from .trainer import Status
+from .training import settings as train_settings
+from .training.settings import TrainSettings
 
 
 def _cuda_memory() -> tuple[float, float] | None:
@@ -62,12 +62,12 @@ class Studio:
     # ---- defaults from the host's settings ----
 
     def default_tagger(self) -> str:
-        from .tagger import DEFAULT_MODEL
+        from .dataset.tagger import DEFAULT_MODEL
 
         return self.option(OPT_DEFAULT_TAGGER) or DEFAULT_MODEL
 
     def default_tag_options(self):
-        from .tagger import TagOptions
+        from .dataset.tagger import TagOptions
 
         options = TagOptions()
         for key, attr in ((OPT_TAG_THRESHOLD, "threshold"), (OPT_TAG_CHARACTER_THRESHOLD, "character_threshold")):
@@ -85,8 +85,8 @@ class Studio:
                        user_id: str = "", api_url: str | None = None):
         """Count the query's posts and list what a download would fetch (no image is downloaded).
         Without `api_key`/`user_id` the stored credentials are used (environment, WebUI settings)."""
-        from .boorus import make_client
-        from .scrape import plan
+        from .dataset.boorus import make_client
+        from .dataset.scrape import plan
 
         client = make_client(booru, api_url=api_url or None, api_key=api_key, user_id=user_id)
         return plan(self.project(name, create=True), client, tags, limit=limit)
@@ -94,9 +94,9 @@ class Studio:
     def start_scrape(self, name: str, booru: str, tags: str, limit: int | None = None, save_tags: bool = True,
                      api_key: str = "", user_id: str = "", api_url: str | None = None, workers: int = 4) -> Job:
         """Download the query's images (at most `limit` in the dataset) into project `name`."""
-        from .boorus import make_client
-        from .net import Http
-        from .scrape import download, plan
+        from .dataset.boorus import make_client
+        from .dataset.http import Http
+        from .dataset.scrape import download, plan
 
         project = self.project(name, create=True)
 
@@ -111,7 +111,7 @@ class Studio:
 
     def start_tagging(self, name: str, tagger: str | None = None, options=None) -> Job:
         """Caption project `name` with a WD tagger (downloaded into the model cache once)."""
-        from .tagger import load_tagger, tag_project
+        from .dataset.tagger import load_tagger, tag_project
 
         project = self.project(name)
         options = options or self.default_tag_options()
@@ -126,7 +126,7 @@ class Studio:
 
     def start_captioning(self, name: str, model: str | None = None, existing: str = "skip") -> Job:
         """Caption project `name` in sentences with BLIP (for photos)."""
-        from .captioner import caption_project, load_blip
+        from .dataset.captioner import caption_project, load_blip
 
         project = self.project(name)
 
@@ -141,7 +141,7 @@ class Studio:
                        grid: bool = False) -> Job:
         """Train project `name` (its saved settings unless `settings` are given) on the host's model;
         with `grid`, render the default epoch x weight grid in the same job when training ends."""
-        from .trainer import train
+        from .training.trainer import train
 
         project = self.project(name)
         settings = settings if settings is not None else train_settings.load(project)
@@ -168,7 +168,7 @@ class Studio:
         """The epoch x weight plan for project `name`'s saved LoRAs (checked): `prompts` as (label, prompt)
         layers, by default the dataset's main and flexibility prompts; `options` as `grid_plan.make_plan`'s,
         the render settings defaulting to the host's."""
-        from .grid_plan import default_prompts, make_plan
+        from .grids.plan import default_prompts, make_plan
 
         project = self.project(name)
         if prompts is None:
@@ -187,9 +187,9 @@ class Studio:
             project, plan, control, on_status), kind="grid")
 
     def _render_grid(self, project: Project, plan, control, on_status):
+        from .dataset.tagger import load_tagger
         from .errors import LoraMakerError
-        from .grids import render_grid
-        from .tagger import load_tagger
+        from .grids.render import render_grid
 
         if self.open_renderer is None:
             raise LoraMakerError("this host cannot render images: grids need the WebUI or a checkpoint")
@@ -217,6 +217,6 @@ class Studio:
 
     def can_resume(self, name: str) -> bool:
         """Whether project `name` has a stopped run to continue (`start_training(resume=True)`)."""
-        from .trainer import STATE_FILE, state_dir
+        from .training.trainer import STATE_FILE, state_dir
 
         return (state_dir(self.project(name)) / STATE_FILE).is_file()

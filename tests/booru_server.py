@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, quote, urlparse
 import pytest
 from PIL import Image, ImageDraw
 
-from lora_trainer_ext.net import Http
+from lora_trainer_ext.dataset.http import Http
 
 HTML_PAGE = b"<!DOCTYPE html>\n<html><head><title>Just a moment...</title></head><body>checking...</body></html>"
 

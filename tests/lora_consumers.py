@@ -13,8 +13,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from lora_trainer_ext.host import SD1, SD2, SDXL
-from lora_trainer_ext.lora_file import TE_PREFIXES, UNET_PREFIX, lora_name
+from lora_trainer_ext.hosts.host import SD1, SD2, SDXL
+from lora_trainer_ext.training.lora_file import TE_PREFIXES, UNET_PREFIX, lora_name
 
 CONTEXT_DIM = 32
 TE_LAYERS = 2

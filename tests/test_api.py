@@ -25,11 +25,11 @@ from test_trainer import FAST
 from tiny_hosts import make_checkpoint
 
 from lora_trainer_ext.api import PREFIX, add_routes, parse_api_auth
-from lora_trainer_ext.captions import read_caption
+from lora_trainer_ext.dataset.captions import read_caption
 from lora_trainer_ext.errors import LoraMakerError
-from lora_trainer_ext.standalone import load_checkpoint
+from lora_trainer_ext.hosts.standalone import load_checkpoint
 from lora_trainer_ext.studio import Studio
-from lora_trainer_ext.train_settings import TrainSettings
+from lora_trainer_ext.training.settings import TrainSettings
 
 pytestmark = [pytest.mark.usefixtures("no_booru_credentials"), pytest.mark.timeout(120)]
 

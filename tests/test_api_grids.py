@@ -16,11 +16,11 @@ from test_trainer import FAST
 from tiny_hosts import make_checkpoint
 from tiny_onnx import write_tagger
 
-from lora_trainer_ext import lora_file
 from lora_trainer_ext.app import standalone_studio
-from lora_trainer_ext.grid_plan import RenderSettings
+from lora_trainer_ext.grids.plan import RenderSettings
 from lora_trainer_ext.paths import OPT_DEFAULT_TAGGER
-from lora_trainer_ext.train_settings import TrainSettings
+from lora_trainer_ext.training import lora_file
+from lora_trainer_ext.training.settings import TrainSettings
 
 pytestmark = pytest.mark.timeout(180)
 TINY = RenderSettings(sampler="Euler", steps=3, width=64, height=64, seed=42)

@@ -18,9 +18,9 @@ from booru_server import (  # noqa: F401 (no_booru_credentials is a fixture)
 )
 
 from lora_trainer_ext import paths
-from lora_trainer_ext.boorus import BOORUS, Danbooru, Gelbooru, Post, Safebooru, credentials, make_client
+from lora_trainer_ext.dataset.boorus import BOORUS, Danbooru, Gelbooru, Post, Safebooru, credentials, make_client
+from lora_trainer_ext.dataset.http import HttpError
 from lora_trainer_ext.errors import LoraMakerError
-from lora_trainer_ext.net import HttpError
 
 pytestmark = [pytest.mark.usefixtures("no_booru_credentials"), pytest.mark.timeout(60)]
 

@@ -14,9 +14,9 @@ from browser import create_project
 from PIL import Image
 
 from lora_trainer_ext.app import standalone_studio
-from lora_trainer_ext.captions import read_caption
-from lora_trainer_ext.history import History
-from lora_trainer_ext.images import IMAGE_EXTS
+from lora_trainer_ext.dataset.captions import read_caption
+from lora_trainer_ext.dataset.history import History
+from lora_trainer_ext.dataset.images import IMAGE_EXTS
 
 KEY, USER = "secret-key", "4242"
 

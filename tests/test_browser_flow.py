@@ -12,13 +12,12 @@ import pytest
 import tiny_onnx
 from booru_server import FakePost, no_booru_credentials, serve_booru  # noqa: F401 (a fixture)
 from browser import create_project
-from test_browser_dataset import (BLUE, GREEN, RED, captions, fill_tag_form, names, picture, see, subtab,
-                                  wait_job)
+from test_browser_dataset import BLUE, GREEN, RED, captions, fill_tag_form, names, picture, see, subtab, wait_job
 from test_browser_train import PLAN, fill, pick, steps_shown
 from tiny_hosts import make_checkpoint
 
 from lora_trainer_ext.app import standalone_studio
-from lora_trainer_ext.lora_file import read_lora
+from lora_trainer_ext.training.lora_file import read_lora
 
 pytestmark = pytest.mark.timeout(300)
 STATUS = "#lora_maker_job_status"

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import threading
 
-
 from browser import create_project
 
 from lora_trainer_ext.app import standalone_studio
-from lora_trainer_ext.trainer import Result, Status
+from lora_trainer_ext.progress import Status
+from lora_trainer_ext.training.trainer import Result
 
 
 def test_projects_are_created_and_picked_and_bad_names_are_refused(open_ui, tmp_path):

@@ -9,22 +9,22 @@ from __future__ import annotations
 import json
 
 import pytest
-from PIL import Image
 from conftest import add_image
+from PIL import Image
 from test_trainer import FAST
 from tiny_hosts import make_checkpoint
 from tiny_onnx import write_tagger
 
-from lora_trainer_ext import lora_file
 from lora_trainer_ext.app import standalone_studio
-from lora_trainer_ext.grid_image import read_grid
-from lora_trainer_ext.grid_plan import RenderSettings, make_plan
-from lora_trainer_ext.grids import list_grids, load_grid, render_grid
+from lora_trainer_ext.grids.image import read_grid
+from lora_trainer_ext.grids.plan import RenderSettings, make_plan
+from lora_trainer_ext.grids.render import list_grids, load_grid, render_grid
+from lora_trainer_ext.grids.renderer import Rendered
 from lora_trainer_ext.paths import OPT_DEFAULT_TAGGER
 from lora_trainer_ext.project import Project
-from lora_trainer_ext.render import Rendered
 from lora_trainer_ext.tab.evaluate_view import PREVIEW_WIDTH, clicked_cell, grid_preview, layer_image, open_grid
-from lora_trainer_ext.train_settings import TrainSettings, save
+from lora_trainer_ext.training import lora_file
+from lora_trainer_ext.training.settings import TrainSettings, save
 
 pytestmark = pytest.mark.timeout(300)
 TINY = RenderSettings(sampler="Euler", steps=3, width=64, height=64, seed=42)

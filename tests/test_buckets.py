@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from lora_trainer_ext.buckets import (
+from lora_trainer_ext.errors import LoraMakerError
+from lora_trainer_ext.hosts.host import SizeInfo
+from lora_trainer_ext.training.buckets import (
     BucketPlan,
     assign,
     bucket_resolutions,
@@ -16,8 +18,6 @@ from lora_trainer_ext.buckets import (
     resize_and_crop,
     size_info,
 )
-from lora_trainer_ext.errors import LoraMakerError
-from lora_trainer_ext.host import SizeInfo
 
 
 def test_512_buckets_match_sd_scripts_by_hand():

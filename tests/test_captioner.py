@@ -7,16 +7,15 @@ from __future__ import annotations
 import sys
 
 import pytest
+import tiny_onnx
 from PIL import Image
 
-from lora_trainer_ext import hub
-from lora_trainer_ext.captioner import BLIP_FILES, caption_project, load_blip, merge_caption
-from lora_trainer_ext.captions import read_caption
+from lora_trainer_ext.dataset import hub
+from lora_trainer_ext.dataset.captioner import BLIP_FILES, caption_project, load_blip, merge_caption
+from lora_trainer_ext.dataset.captions import read_caption
+from lora_trainer_ext.dataset.history import History
 from lora_trainer_ext.errors import LoraMakerError
-from lora_trainer_ext.history import History
 from lora_trainer_ext.project import Project
-
-import tiny_onnx
 
 WORDS = "a photo of the cat dog man woman red blue sitting on with in and beach tree house car standing".split()
 

@@ -7,10 +7,10 @@ import json
 import pytest
 from conftest import add_image
 
-from lora_trainer_ext import curate
-from lora_trainer_ext.captions import format_tag, join_tags, split_tags, tag_key
+from lora_trainer_ext.dataset import curate
+from lora_trainer_ext.dataset.captions import format_tag, join_tags, split_tags, tag_key
+from lora_trainer_ext.dataset.history import History
 from lora_trainer_ext.errors import LoraMakerError
-from lora_trainer_ext.history import History
 from lora_trainer_ext.project import Project
 
 

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image, ImageEnhance
 from skimage import data
 
-from lora_trainer_ext import dedupe
-from lora_trainer_ext.dedupe import DEFAULT_THRESHOLD, close_pairs, find_groups, scan, trash_duplicates
+from lora_trainer_ext.dataset import dedupe
+from lora_trainer_ext.dataset.dedupe import DEFAULT_THRESHOLD, close_pairs, find_groups, scan, trash_duplicates
+from lora_trainer_ext.dataset.trash import list_trash, restore
 from lora_trainer_ext.errors import LoraMakerError
 from lora_trainer_ext.project import Project
-from lora_trainer_ext.trash import list_trash, restore
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "horse", "immunohistochemistry",
           "hubble_deep_field", "retina", "brick", "grass", "gravel", "page", "moon", "text", "clock"]
@@ -114,7 +114,8 @@ def test_trash_and_restore_with_captions(photo_project):
 
 def test_trash_never_overwrites(project):
     from conftest import add_image
-    from lora_trainer_ext.trash import move_to_trash
+
+    from lora_trainer_ext.dataset.trash import move_to_trash
 
     first = add_image(project, "x.png", "first")
     move_to_trash(project, {first: "test"})

@@ -9,11 +9,22 @@ import skimage.data
 from PIL import Image
 
 from lora_trainer_ext.errors import LoraMakerError
-from lora_trainer_ext.grid_image import (
-    GRID_CHUNK, INFOTEXT_CHUNK, GridFont, GridLayout, assemble, cell_at, cell_in, describe, find_font, layer_grid,
-    layout_of, read_grid, save_grid,
+from lora_trainer_ext.grids.image import (
+    GRID_CHUNK,
+    INFOTEXT_CHUNK,
+    GridFont,
+    GridLayout,
+    assemble,
+    cell_at,
+    cell_in,
+    describe,
+    find_font,
+    layer_grid,
+    layout_of,
+    read_grid,
+    save_grid,
 )
-from lora_trainer_ext.grid_plan import Epoch, GridPlan, RenderSettings
+from lora_trainer_ext.grids.plan import Epoch, GridPlan, RenderSettings
 
 WHITE = (255, 255, 255)
 FONTS = {"truetype": lambda: GridFont.default(), "bitmap": lambda: GridFont(None)}

@@ -11,11 +11,25 @@ import pytest
 from conftest import add_image
 from safetensors.numpy import save_file
 
-from lora_trainer_ext import curate
+from lora_trainer_ext.dataset import curate
 from lora_trainer_ext.errors import LoraMakerError
-from lora_trainer_ext.grid_plan import (
-    DEFAULT_WEIGHTS, Cell, Epoch, GridPlan, RenderSettings, core_tags, default_prompts, format_weight, is_trait,
-    make_plan, parse_ints, parse_weights, prompt_layers, saved_epochs, select_epochs, weight_label,
+from lora_trainer_ext.grids.plan import (
+    DEFAULT_WEIGHTS,
+    Cell,
+    Epoch,
+    GridPlan,
+    RenderSettings,
+    core_tags,
+    default_prompts,
+    format_weight,
+    is_trait,
+    make_plan,
+    parse_ints,
+    parse_weights,
+    prompt_layers,
+    saved_epochs,
+    select_epochs,
+    weight_label,
 )
 
 

@@ -14,21 +14,23 @@ from PIL import Image
 from tiny_hosts import make_checkpoint
 from tiny_onnx import write_tagger
 
-from lora_trainer_ext import grid_image, lora_file
+from lora_trainer_ext.dataset.http import Stopped
+from lora_trainer_ext.dataset.tagger import load_tagger
 from lora_trainer_ext.errors import LoraMakerError
 from lora_trainer_ext.files import read_json
-from lora_trainer_ext.grid_plan import GridPlan, RenderSettings, make_plan, saved_epochs
-from lora_trainer_ext.grids import absent_tags, list_grids, load_grid, render_grid, use_epoch
-from lora_trainer_ext.host import SD1
+from lora_trainer_ext.grids import image as grid_image
+from lora_trainer_ext.grids.plan import GridPlan, RenderSettings, make_plan, saved_epochs
+from lora_trainer_ext.grids.render import absent_tags, list_grids, load_grid, render_grid, use_epoch
+from lora_trainer_ext.hosts.host import SD1
+from lora_trainer_ext.hosts.standalone import load_checkpoint
+from lora_trainer_ext.hosts.standalone_render import StandaloneRenderer
 from lora_trainer_ext.jobs import JobProgress
-from lora_trainer_ext.net import Stopped
+from lora_trainer_ext.progress import Control
 from lora_trainer_ext.project import Project
-from lora_trainer_ext.standalone import load_checkpoint
-from lora_trainer_ext.standalone_render import StandaloneRenderer
-from lora_trainer_ext.tagger import load_tagger
-from lora_trainer_ext.train_settings import TrainSettings
-from lora_trainer_ext.trainer import Control, train
-from lora_trainer_ext.training_mode import parameter_fingerprint
+from lora_trainer_ext.training import lora_file
+from lora_trainer_ext.training.model_mode import parameter_fingerprint
+from lora_trainer_ext.training.settings import TrainSettings
+from lora_trainer_ext.training.trainer import train
 
 pytestmark = pytest.mark.timeout(300)
 

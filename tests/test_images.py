@@ -8,7 +8,7 @@ import pytest
 from conftest import image_bytes
 from PIL import Image
 
-from lora_trainer_ext.images import ImageRejected, normalise
+from lora_trainer_ext.dataset.images import ImageRejected, normalise
 
 
 def opened(data: bytes) -> Image.Image:

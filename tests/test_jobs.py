@@ -10,9 +10,9 @@ from test_trainer import settings
 from tiny_hosts import make_checkpoint
 
 from lora_trainer_ext.errors import LoraMakerError
+from lora_trainer_ext.hosts.standalone import load_checkpoint
 from lora_trainer_ext.jobs import DONE, FAILED, RUNNING, STOPPED, JobRunner
-from lora_trainer_ext.standalone import load_checkpoint
-from lora_trainer_ext.trainer import Result, train
+from lora_trainer_ext.training.trainer import Result, train
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -77,8 +77,8 @@ def test_failures_are_reported_not_raised(project, checkpoint, tmp_path):
 
 
 def test_library_progress_becomes_job_statuses_and_stop_ends_the_job_stopped(tmp_path):
+    from lora_trainer_ext.dataset.http import Stopped
     from lora_trainer_ext.jobs import JobProgress
-    from lora_trainer_ext.net import Stopped
 
     guarded = []
     runner = JobRunner(guard=lambda job: guarded.append(job.id) or threading.Lock())

@@ -11,7 +11,6 @@ import re
 import pytest
 import safetensors.torch
 import torch
-
 from lora_consumers import (
     TE_CONTAINERS,
     UNET_LOCON_CONTAINERS,
@@ -31,9 +30,10 @@ from lora_consumers import (
     webui_layer_table,
     webui_text_modules,
 )
+
 from lora_trainer_ext.errors import LoraMakerError
-from lora_trainer_ext.host import SD1, SD2, SDXL
-from lora_trainer_ext.lora_file import (
+from lora_trainer_ext.hosts.host import SD1, SD2, SDXL
+from lora_trainer_ext.training.lora_file import (
     UNET_PREFIX,
     NetworkInfo,
     card_path,
@@ -520,7 +520,7 @@ def test_the_real_network_writes_the_names_and_shapes_checked_above(kind, algo):
     tests load (SDXL: UNet only, as the network trains it)."""
     from types import SimpleNamespace
 
-    from lora_trainer_ext.network import Network, NetworkConfig
+    from lora_trainer_ext.training.network import Network, NetworkConfig
 
     unet, tes = models(kind)
     tes = tes if kind != SDXL else []

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lora_trainer_ext.errors import LoraMakerError
-from lora_trainer_ext.host import SD1, SDXL
-from lora_trainer_ext.network import Network, NetworkConfig
+from lora_trainer_ext.hosts.host import SD1, SDXL
+from lora_trainer_ext.training.network import Network, NetworkConfig
 
 pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from lora_trainer_ext import objective
+from lora_trainer_ext.training import objective
 
 
 def schedule(T=1000):

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from lora_trainer_ext import presets, vram
 from lora_trainer_ext.errors import LoraMakerError
-from lora_trainer_ext.host import SD1, SD2, SDXL
-from lora_trainer_ext.presets import PURPOSES, VRAM_TIERS, apply_preset, apply_preset_with_notes
-from lora_trainer_ext.train_settings import GUIDE_STEPS, TrainSettings, optimizer_available, step_arithmetic
+from lora_trainer_ext.hosts.host import SD1, SD2, SDXL
+from lora_trainer_ext.training import presets, vram
+from lora_trainer_ext.training.presets import PURPOSES, VRAM_TIERS, apply_preset, apply_preset_with_notes
+from lora_trainer_ext.training.settings import GUIDE_STEPS, TrainSettings, optimizer_available, step_arithmetic
 
 KINDS = (SD1, SD2, SDXL)
 

@@ -7,14 +7,13 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import tiny_onnx
 from PIL import Image
 
-from lora_trainer_ext.grid_plan import Epoch, GridPlan
-from lora_trainer_ext.recommend import recommend
-from lora_trainer_ext.scoring import Score, score_cells
-from lora_trainer_ext.tagger import load_tagger
-
-import tiny_onnx
+from lora_trainer_ext.dataset.tagger import load_tagger
+from lora_trainer_ext.grids.plan import Epoch, GridPlan
+from lora_trainer_ext.grids.recommend import recommend
+from lora_trainer_ext.grids.scoring import Score, score_cells
 
 WEIGHTS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 

@@ -19,16 +19,16 @@ from conftest import add_image
 from tiny_hosts import make_checkpoint
 from webui_env import CHECKPOINT, PYTHON, WEBUI, needs_webui
 
-from lora_trainer_ext import lora_file
 from lora_trainer_ext.errors import LoraMakerError
-from lora_trainer_ext.grid_plan import Cell, Epoch, RenderSettings
-from lora_trainer_ext.host import SD1, SD2, SDXL
-from lora_trainer_ext.render import format_infotext
-from lora_trainer_ext.standalone import load_checkpoint
-from lora_trainer_ext.standalone_render import (NoiseSchedule, StandaloneRenderer, sample_dpmpp_2m, sample_euler)
-from lora_trainer_ext.train_settings import TrainSettings
-from lora_trainer_ext.trainer import train
-from lora_trainer_ext.training_mode import parameter_fingerprint
+from lora_trainer_ext.grids.plan import Cell, Epoch, RenderSettings
+from lora_trainer_ext.grids.renderer import format_infotext
+from lora_trainer_ext.hosts.host import SD1, SD2, SDXL
+from lora_trainer_ext.hosts.standalone import load_checkpoint
+from lora_trainer_ext.hosts.standalone_render import NoiseSchedule, StandaloneRenderer, sample_dpmpp_2m, sample_euler
+from lora_trainer_ext.training import lora_file
+from lora_trainer_ext.training.model_mode import parameter_fingerprint
+from lora_trainer_ext.training.settings import TrainSettings
+from lora_trainer_ext.training.trainer import train
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -310,7 +310,7 @@ open(args[2], "w").write(json.dumps(out, default=str))
 @needs_webui
 @pytest.mark.timeout(600)
 def test_renders_and_infotexts_match_the_webuis_txt2img(tmp_path):
-    from lora_trainer_ext.network import Network, NetworkConfig
+    from lora_trainer_ext.training.network import Network, NetworkConfig
 
     host = load_checkpoint(Path(WEBUI) / CHECKPOINT)
     network = Network(host, NetworkConfig("locon", 4, 2.0, 2, 1.0), train_text_encoder=True)

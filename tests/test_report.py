@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from conftest import add_image, image_bytes
 
-from lora_trainer_ext.report import SMALL_SIDE, dataset_report
+from lora_trainer_ext.dataset.report import SMALL_SIDE, dataset_report
 
 
 def test_report_lists_every_problem(project):

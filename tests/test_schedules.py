@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lora_trainer_ext.errors import LoraMakerError
-from lora_trainer_ext.schedules import SCHEDULERS, lr_lambda, make_scheduler, warmup_steps
+from lora_trainer_ext.training.schedules import SCHEDULERS, lr_lambda, make_scheduler, warmup_steps
 
 
 def test_warmup_steps_is_the_whole_part_of_the_ratio():

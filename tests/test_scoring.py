@@ -9,17 +9,25 @@ import io
 import numpy as np
 import pytest
 import skimage.data
+import tiny_onnx
 from PIL import Image, ImageEnhance, ImageFilter
 
+from lora_trainer_ext.dataset.tagger import Prediction, load_tagger
 from lora_trainer_ext.errors import LoraMakerError
-from lora_trainer_ext.grid_plan import Epoch, GridPlan
-from lora_trainer_ext.scoring import (
-    ImageStats, Score, artefact_score, broken_reason, clipped_share, clipping_score, overcooking, pixels, recall,
-    score_cells, sort_scores,
+from lora_trainer_ext.grids.plan import Epoch, GridPlan
+from lora_trainer_ext.grids.scoring import (
+    ImageStats,
+    Score,
+    artefact_score,
+    broken_reason,
+    clipped_share,
+    clipping_score,
+    overcooking,
+    pixels,
+    recall,
+    score_cells,
+    sort_scores,
 )
-from lora_trainer_ext.tagger import Prediction, load_tagger
-
-import tiny_onnx
 
 
 def astronaut(size=256) -> Image.Image:

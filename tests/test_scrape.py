@@ -20,12 +20,12 @@ from booru_server import (  # noqa: F401 (no_booru_credentials is a fixture)
 )
 from PIL import Image
 
-from lora_trainer_ext import trash
-from lora_trainer_ext.boorus import make_client
-from lora_trainer_ext.captions import read_caption
-from lora_trainer_ext.history import History
+from lora_trainer_ext.dataset import trash
+from lora_trainer_ext.dataset.boorus import make_client
+from lora_trainer_ext.dataset.captions import read_caption
+from lora_trainer_ext.dataset.history import History
+from lora_trainer_ext.dataset.scrape import download, plan, read_sources
 from lora_trainer_ext.progress import Progress
-from lora_trainer_ext.scrape import download, plan, read_sources
 
 pytestmark = [pytest.mark.usefixtures("no_booru_credentials"), pytest.mark.timeout(60)]
 

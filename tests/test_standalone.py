@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from tiny_hosts import checkpoints_of_every_kind, hf_to_openclip, make_checkpoint
 
 from lora_trainer_ext.errors import LoraMakerError
-from lora_trainer_ext.host import SD1, SD2, SDXL, SizeInfo
-from lora_trainer_ext.prompt import CHUNK_LENGTH, split_chunks, unescape
-from lora_trainer_ext.standalone import guess_v_prediction, load_checkpoint, openclip_to_hf
-from tiny_hosts import checkpoints_of_every_kind, hf_to_openclip, make_checkpoint
+from lora_trainer_ext.hosts.host import SD1, SD2, SDXL, SizeInfo
+from lora_trainer_ext.hosts.prompt import CHUNK_LENGTH, split_chunks, unescape
+from lora_trainer_ext.hosts.standalone import guess_v_prediction, load_checkpoint, openclip_to_hf
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -73,7 +73,7 @@ def test_swapped_in_modules_keep_ldm_class_names(hosts):
     for host in hosts.values():
         for module in [host.unet, host.vae]:
             for m in module.modules():
-                ours = [c for c in type(m).__mro__ if c.__module__ == "lora_trainer_ext.standalone"]
+                ours = [c for c in type(m).__mro__ if c.__module__ == "lora_trainer_ext.hosts.standalone"]
                 assert not ours or type(m).__name__ == type(m).__mro__[1].__name__, type(m)
         names = [type(m).__name__ for m in host.unet.modules()]
         assert names.count("SpatialTransformer") == (11 if host.kind == SDXL else 16)  # in, out, middle
@@ -82,7 +82,7 @@ def test_swapped_in_modules_keep_ldm_class_names(hosts):
 def test_standard_configs_build_the_real_architectures():
     """Without a yaml the standard configs are used: built on the meta device they have exactly the
     parameter counts of SD 1.5 / SD 2.x / SDXL base (the sgm parts of SDXL assembled from ldm's)."""
-    from lora_trainer_ext.standalone import STANDARD_CONFIGS, build_unet, build_vae
+    from lora_trainer_ext.hosts.standalone import STANDARD_CONFIGS, build_unet, build_vae
 
     counts = {SD1: 859_520_964, SD2: 865_910_724, SDXL: 2_567_463_684}
     for kind, count in counts.items():

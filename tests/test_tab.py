@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 from lora_trainer_ext.jobs import Job, JobRunner
+from lora_trainer_ext.progress import Status
 from lora_trainer_ext.tab import evaluate_view, job_panel, projects
-from lora_trainer_ext.trainer import Status
 
 
 def test_the_loss_chart_spans_the_steps_and_losses_and_thins_long_runs():

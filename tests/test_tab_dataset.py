@@ -11,16 +11,16 @@ import pytest
 from conftest import add_image
 from PIL import Image
 
-from lora_trainer_ext import captioner, dedupe, tagger
 from lora_trainer_ext.app import standalone_studio
-from lora_trainer_ext.curate import Edits, Filter, load_captions, set_caption
+from lora_trainer_ext.dataset import captioner, dedupe, tagger
+from lora_trainer_ext.dataset.curate import Edits, Filter, load_captions, set_caption
+from lora_trainer_ext.dataset.history import History
+from lora_trainer_ext.dataset.trash import TrashEntry
 from lora_trainer_ext.errors import LoraMakerError
-from lora_trainer_ext.history import History
 from lora_trainer_ext.tab import build_tab
 from lora_trainer_ext.tab import dataset_views as views
 from lora_trainer_ext.tab.context import unavailable
 from lora_trainer_ext.tab.dataset_scrape import signature
-from lora_trainer_ext.trash import TrashEntry
 
 
 def test_pages():

@@ -6,18 +6,17 @@ from __future__ import annotations
 import sys
 
 import pytest
+import tiny_onnx
 from PIL import Image
 
-from lora_trainer_ext import hub
-from lora_trainer_ext.captions import read_caption
+from lora_trainer_ext.dataset import hub
+from lora_trainer_ext.dataset.captions import read_caption
+from lora_trainer_ext.dataset.history import History
+from lora_trainer_ext.dataset.http import Http
+from lora_trainer_ext.dataset.tagger import DEFAULT_MODEL, TagOptions, load_tagger, prepare, select_tags, tag_project
 from lora_trainer_ext.errors import LoraMakerError
-from lora_trainer_ext.history import History
-from lora_trainer_ext.net import Http
 from lora_trainer_ext.progress import Progress
 from lora_trainer_ext.project import Project
-from lora_trainer_ext.tagger import DEFAULT_MODEL, TagOptions, load_tagger, prepare, select_tags, tag_project
-
-import tiny_onnx
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 RED_TAGS = r"hatsune miku \(append\), red theme, solo, looking at viewer"

@@ -6,21 +6,21 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import add_image, image_bytes
 from PIL import Image
 
-from conftest import add_image, image_bytes
+from lora_trainer_ext.dataset.http import Stopped
 from lora_trainer_ext.errors import LoraMakerError
-from lora_trainer_ext.host import SD1, SizeInfo
-from lora_trainer_ext.net import Stopped
+from lora_trainer_ext.hosts.host import SD1, SizeInfo
 from lora_trainer_ext.progress import Progress
-from lora_trainer_ext.train_data import (
+from lora_trainer_ext.training.data import (
     TrainData,
     check_dataset,
     dataset_dirs,
-    process_caption,
     metadata_tag_frequency,
+    process_caption,
 )
-from lora_trainer_ext.train_settings import TrainSettings
+from lora_trainer_ext.training.settings import TrainSettings
 
 CAPTION = "zzz, 1girl, smile, blue eyes, hat, outdoors, sky, tree"
 

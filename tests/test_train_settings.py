@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from lora_trainer_ext import train_settings
 from lora_trainer_ext.errors import LoraMakerError
-from lora_trainer_ext.host import SD1, SD2, SDXL
-from lora_trainer_ext.train_settings import (
+from lora_trainer_ext.hosts.host import SD1, SD2, SDXL
+from lora_trainer_ext.training import settings as train_settings
+from lora_trainer_ext.training.settings import (
     OPTIMIZER_PACKAGES,
     TrainSettings,
     optimizer_available,

@@ -11,14 +11,15 @@ import torch
 from conftest import add_image
 from tiny_hosts import checkpoints_of_every_kind
 
-from lora_trainer_ext import lora_file, objective
 from lora_trainer_ext.errors import LoraMakerError
-from lora_trainer_ext.host import SD1, SD2, SDXL
-from lora_trainer_ext.network import Network, NetworkConfig
-from lora_trainer_ext.standalone import load_checkpoint
-from lora_trainer_ext.train_settings import TrainSettings
-from lora_trainer_ext.trainer import Control, state_dir, train
-from lora_trainer_ext.training_mode import parameter_fingerprint
+from lora_trainer_ext.hosts.host import SD1, SD2, SDXL
+from lora_trainer_ext.hosts.standalone import load_checkpoint
+from lora_trainer_ext.progress import Control
+from lora_trainer_ext.training import lora_file, objective
+from lora_trainer_ext.training.model_mode import parameter_fingerprint
+from lora_trainer_ext.training.network import Network, NetworkConfig
+from lora_trainer_ext.training.settings import TrainSettings
+from lora_trainer_ext.training.trainer import state_dir, train
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -100,7 +101,7 @@ def test_loss_falls_on_a_fixed_batch(project, checkpoints, tmp_path):
     host = load_checkpoint(checkpoints[SD1])
     result = train(project, host, settings(repeats=80, epochs=1, batch_size=4, unet_lr=1e-2, text_encoder_lr=0, network="locon",
                                            shuffle_tags=False), tmp_path / "lora")
-    from lora_trainer_ext.train_data import TrainData
+    from lora_trainer_ext.training.data import TrainData
 
     data = TrainData.from_project(project, settings().resolved(SD1, project), SD1)
     with torch.no_grad():

@@ -9,9 +9,9 @@ import pytest
 import torch
 from test_network import run_unet, tiny_clip, tiny_sd1_unet
 
-from lora_trainer_ext.host import SD1
-from lora_trainer_ext.network import Network, NetworkConfig
-from lora_trainer_ext.training_mode import parameter_fingerprint, prepared_for_training
+from lora_trainer_ext.hosts.host import SD1
+from lora_trainer_ext.training.model_mode import parameter_fingerprint, prepared_for_training
+from lora_trainer_ext.training.network import Network, NetworkConfig
 
 
 def checkpointing_host():

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_trainer_ext import vram
 from lora_trainer_ext.errors import LoraMakerError
-from lora_trainer_ext.host import SD1, SD2, SDXL
-from lora_trainer_ext.network import TEXT_ENCODER_TARGETS, UNET_TARGETS, NetworkConfig, _Part
-from lora_trainer_ext.standalone import STANDARD_CONFIGS, build_unet, build_vae
-from lora_trainer_ext.train_settings import TrainSettings
+from lora_trainer_ext.hosts.host import SD1, SD2, SDXL
+from lora_trainer_ext.hosts.standalone import STANDARD_CONFIGS, build_unet, build_vae
+from lora_trainer_ext.training import vram
+from lora_trainer_ext.training.network import TEXT_ENCODER_TARGETS, UNET_TARGETS, NetworkConfig, _Part
+from lora_trainer_ext.training.settings import TrainSettings
 
 pytestmark = pytest.mark.timeout(300)
 

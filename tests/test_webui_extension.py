@@ -42,7 +42,7 @@ from conftest import image_bytes
 from PIL import Image
 from webui_env import CHECKPOINT, PYTHON, REPO, WEBUI, needs_webui
 
-from lora_trainer_ext.presets import preset_names
+from lora_trainer_ext.training.presets import preset_names
 
 pytestmark = [
     needs_webui,

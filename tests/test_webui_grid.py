@@ -19,7 +19,7 @@ import pytest
 from tiny_onnx import write_tagger
 from webui_env import CHECKPOINT, PYTHON, REPO, WEBUI, needs_webui
 
-from lora_trainer_ext.grid_plan import DEFAULT_WEIGHTS
+from lora_trainer_ext.grids.plan import DEFAULT_WEIGHTS
 
 pytestmark = [
     needs_webui,

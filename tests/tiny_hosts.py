@@ -1,5 +1,5 @@
 """Tiny random-weight checkpoints in SD1, SD2(-v) and SDXL shapes, saved the way real ones are: the
-"tiny" preset of `lora_trainer_ext.random_models` under the names the tests use.
+"tiny" preset of `lora_trainer_ext.dev.random_models` under the names the tests use.
 
 Sizes: 64px images -> VAE (4 levels, factor 8) -> 8x8x4 latents. UNet model_channels 32, two res blocks
 per level like the real models (so block indices match real names): SD1 4 levels [1,1,2,2], attention
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_trainer_ext import random_models
-from lora_trainer_ext.host import SD1, SD2, SDXL
-from lora_trainer_ext.random_models import WORDS, hf_to_openclip, vocab_size, write_tokenizer  # noqa: F401
+from lora_trainer_ext.dev import random_models
+from lora_trainer_ext.dev.random_models import WORDS, hf_to_openclip, vocab_size, write_tokenizer  # noqa: F401
+from lora_trainer_ext.hosts.host import SD1, SD2, SDXL
 
 TINY = random_models.PRESETS["tiny"]
 TE_HIDDEN = {kind: list(shapes.text_hidden) for kind, shapes in TINY.items()}

@@ -32,8 +32,9 @@ def digest(image) -> str:
 
 def txt2img(prompt: str, settings) -> tuple[str, str]:
     """A plain txt2img render (what a user gets from the txt2img tab's pipeline): (digest, infotext)."""
-    from lora_trainer_ext.render import number
     from modules import processing
+
+    from lora_trainer_ext.grids.renderer import number
 
     p = processing.StableDiffusionProcessingTxt2Img(  # CFG as the tab's slider gives it: 7, not 7.0
         prompt=prompt, seed=settings.seed, sampler_name=settings.sampler, scheduler=settings.scheduler,
@@ -101,7 +102,7 @@ class PickModelMidGrid:
 
 
 def cells_of(folder: Path) -> list[dict]:
-    from lora_trainer_ext.grids import load_grid
+    from lora_trainer_ext.grids.render import load_grid
 
     return load_grid(folder)["cells"]
 
@@ -121,7 +122,7 @@ def grid_findings(folder: Path, layer_file: str) -> dict:
     import numpy as np
     from PIL import Image
 
-    from lora_trainer_ext.grid_image import cell_in, read_grid
+    from lora_trainer_ext.grids.image import cell_in, read_grid
 
     infotext, description = read_grid(folder / layer_file)
     cells = [c for c in cells_of(folder) if c["layer"] == description["layer"]]
@@ -150,16 +151,16 @@ def main(repo: str, work: Path, checkpoint: str) -> dict:
     sys.path.insert(0, repo)
     from dataclasses import asdict
 
+    from modules import infotext_utils, sd_models, shared
     from PIL import Image
 
-    from lora_trainer_ext import lora_file
     from lora_trainer_ext.errors import LoraMakerError
-    from lora_trainer_ext.grid_plan import Epoch, GridPlan, RenderSettings, make_plan
-    from lora_trainer_ext.grids import list_grids, load_grid, render_grid, use_epoch
-    from lora_trainer_ext.train_settings import TrainSettings
+    from lora_trainer_ext.grids.plan import Epoch, GridPlan, RenderSettings, make_plan
+    from lora_trainer_ext.grids.render import list_grids, load_grid, render_grid, use_epoch
+    from lora_trainer_ext.training import lora_file
+    from lora_trainer_ext.training.settings import TrainSettings
     from lora_trainer_ext.webui.render import WebuiRenderer, open_renderer, webui_render_defaults
     from lora_trainer_ext.webui.studio import studio
-    from modules import infotext_utils, sd_models, shared
 
     found: dict = {}
     seen = StateSeen()

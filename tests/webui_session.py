@@ -52,17 +52,17 @@ def main(repo: str, projects_root: str, checkpoint: str) -> dict:
     sd_model = start_webui(checkpoint)
     sys.path.insert(0, repo)
     import torch
+    from modules import shared
     from PIL import Image
 
-    from lora_trainer_ext import lora_file
     from lora_trainer_ext.errors import LoraMakerError
-    from lora_trainer_ext.network import Network, NetworkConfig
     from lora_trainer_ext.project import Project
-    from lora_trainer_ext.train_settings import TrainSettings
-    from lora_trainer_ext.trainer import train
-    from lora_trainer_ext.training_mode import parameter_fingerprint
+    from lora_trainer_ext.training import lora_file
+    from lora_trainer_ext.training.model_mode import parameter_fingerprint
+    from lora_trainer_ext.training.network import Network, NetworkConfig
+    from lora_trainer_ext.training.settings import TrainSettings
+    from lora_trainer_ext.training.trainer import train
     from lora_trainer_ext.webui.host import WebuiHost, training_session
-    from modules import shared
 
     found: dict = {"kind": None}
     lora_dir = os.path.join(shared.cmd_opts.lora_dir, "lora-maker-test")

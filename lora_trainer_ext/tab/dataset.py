@@ -6,12 +6,13 @@ finished scrape shows in Review without a click) or another part edits the datas
 
 from __future__ import annotations
 
-from ..report import dataset_report
+from ..dataset.report import dataset_report
 from .context import TabContext, shows_errors, unavailable
 
 
 def build(ctx: TabContext) -> None:
     import gradio as gr
+
     from . import dataset_curate, dataset_duplicates, dataset_review, dataset_scrape, dataset_tag
     from . import dataset_views as views
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..captions import join_tags, split_tags
-from ..curate import activation_tags, edit_tags, load_captions
-from ..history import History
+from ..dataset.captions import join_tags, split_tags
+from ..dataset.curate import activation_tags, edit_tags, load_captions
+from ..dataset.history import History
 from ..project import Project
 from . import dataset_views as views
 from .context import TabContext, shows_errors

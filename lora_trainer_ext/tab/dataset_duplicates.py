@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .. import dedupe
+from ..dataset import dedupe
 from ..errors import LoraMakerError
 from . import dataset_views as views
 from .context import TabContext, shows_errors, unavailable

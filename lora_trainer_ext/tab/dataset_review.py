@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .. import trash
-from ..curate import set_caption
+from ..dataset import trash
+from ..dataset.curate import set_caption
 from ..errors import LoraMakerError
 from . import dataset_views as views
 from .context import TabContext, shows_errors

@@ -9,7 +9,7 @@ import json
 
 import gradio as gr
 
-from ..boorus import BOORUS, normalise_query
+from ..dataset.boorus import BOORUS, normalise_query
 from ..errors import LoraMakerError
 from . import dataset_views as views
 from .context import TabContext, shows_errors

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .. import captioner, tagger
-from ..captions import join_tags, split_tags
-from ..tagger import EXISTING_MODES, WD_MODELS, TagOptions
+from ..dataset import captioner, tagger
+from ..dataset.captions import join_tags, split_tags
+from ..dataset.tagger import EXISTING_MODES, WD_MODELS, TagOptions
 from .context import TabContext, shows_errors, unavailable
 
 

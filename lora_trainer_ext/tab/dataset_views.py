@@ -16,11 +16,11 @@ from pathlib import Path
 from PIL import Image
 
 from .. import files
-from ..captions import read_caption, split_tags
-from ..curate import Edits, Filter, parse_replace, tag_frequency
+from ..dataset.captions import read_caption, split_tags
+from ..dataset.curate import Edits, Filter, parse_replace, tag_frequency
+from ..dataset.history import History
+from ..dataset.images import ImageRejected, decode_small, flatten
 from ..errors import LoraMakerError
-from ..history import History
-from ..images import ImageRejected, decode_small, flatten
 from ..project import Project
 
 THUMB_SIDE = 256  # gallery cells are ~150 px; twice that stays sharp on high-density screens

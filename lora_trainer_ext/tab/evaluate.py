@@ -13,13 +13,35 @@ from __future__ import annotations
 import gradio as gr
 
 from ..errors import LoraMakerError
-from ..grid_plan import DEFAULT_WEIGHTS, RenderSettings, default_prompts, format_weight, parse_ints, parse_weights
-from ..grid_plan import saved_epochs
-from ..grids import use_epoch
+from ..grids.plan import (
+    DEFAULT_WEIGHTS,
+    RenderSettings,
+    default_prompts,
+    format_weight,
+    parse_ints,
+    parse_weights,
+    saved_epochs,
+)
+from ..grids.render import use_epoch
 from .context import TabContext, shows_errors
-from .evaluate_view import (SCORE_HEADERS, SCORE_TYPES, cell_html, cell_image, clicked_cell, files_html, grid_id,
-                            grid_labels, grid_preview, layer_index, layer_labels, open_grid,
-                            recommendation_html, recommended_cell, saved_html, score_rows)
+from .evaluate_view import (
+    SCORE_HEADERS,
+    SCORE_TYPES,
+    cell_html,
+    cell_image,
+    clicked_cell,
+    files_html,
+    grid_id,
+    grid_labels,
+    grid_preview,
+    layer_index,
+    layer_labels,
+    open_grid,
+    recommendation_html,
+    recommended_cell,
+    saved_html,
+    score_rows,
+)
 
 EPOCH_MODES = {"all": "all", "every k-th": "every", "chosen": "chosen"}
 # WebUI 1.10.1's samplers and schedule types (the standalone renderer draws Euler and DPM++ 2M).

@@ -14,12 +14,12 @@ from PIL import Image
 
 from .. import files
 from ..errors import LoraMakerError
-from ..grid_image import cell_in, read_grid
-from ..grid_plan import format_weight
-from ..grids import list_grids, load_grid
+from ..grids.image import cell_in, read_grid
+from ..grids.plan import format_weight
+from ..grids.recommend import VERDICTS
+from ..grids.render import list_grids, load_grid
+from ..grids.scoring import Score, sort_scores
 from ..project import Project
-from ..recommend import VERDICTS
-from ..scoring import Score, sort_scores
 
 PREVIEW_WIDTH = 2048  # the view is ~800 px wide: twice that stays sharp on high-density screens
 SCORE_HEADERS = ["prompt", "epoch", "weight", "likeness", "flexibility", "overcooked", "merit", "problem"]

@@ -14,12 +14,13 @@ from __future__ import annotations
 import html
 import threading
 
-from .. import presets, train_settings
 from ..errors import LoraMakerError
-from ..host import SD1
-from ..network import require_lycoris
+from ..hosts.host import SD1
 from ..project import Project
-from ..train_settings import TrainSettings
+from ..training import presets
+from ..training import settings as train_settings
+from ..training.network import require_lycoris
+from ..training.settings import TrainSettings
 from .context import TabContext, shows_errors, unavailable
 from .train_form import GROUPS, KEYS, component, form_values, settings_from
 from .train_summary import error_html, plan_html, vram_html
@@ -75,7 +76,7 @@ def preset_defaults(studio) -> tuple[str | None, str | None]:
 
 def can_resume(studio, project: Project | None) -> bool:
     """An interrupted run left its state behind, and no job is running now."""
-    from ..trainer import STATE_FILE, state_dir
+    from ..training.trainer import STATE_FILE, state_dir
 
     job = studio.jobs.current()
     busy = job is not None and job.state == "running"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..train_settings import CHOICES, FIELDS, TrainSettings
+from ..training.settings import CHOICES, FIELDS, TrainSettings
 
 # gradient_checkpointing is True, False or None ("by model"): a three-way choice in the form.
 CHECKPOINTING = {"auto": None, "on": True, "off": False}

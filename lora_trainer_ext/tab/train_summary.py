@@ -6,12 +6,12 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from .. import vram
-from ..buckets import BucketPlan
 from ..errors import LoraMakerError
-from ..host import SD1
+from ..hosts.host import SD1
 from ..project import Project
-from ..train_settings import TrainSettings, step_arithmetic
+from ..training import vram
+from ..training.buckets import BucketPlan
+from ..training.settings import TrainSettings, step_arithmetic
 
 _ORIENTATION, _SIDEWAYS = 0x0112, (5, 6, 7, 8)  # EXIF orientations that swap width and height
 # path -> ((mtime, size), (width, height)): image headers are read once, then on change only.

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import LoraMakerError
-from ..host import SD1, SD2, SDXL, SizeInfo
+from ..hosts.host import SD1, SD2, SDXL, SizeInfo
 
 
 def check_trainable(sd_model) -> str:

@@ -21,11 +21,11 @@ from typing import Callable, Iterator
 
 from PIL import Image, ImageColor
 
+from ..dataset.http import Stopped
 from ..errors import LoraMakerError
-from ..grid_image import describe
-from ..grid_plan import Cell, GridPlan, RenderSettings
-from ..net import Stopped
-from ..render import Rendered, number
+from ..grids.image import describe
+from ..grids.plan import Cell, GridPlan, RenderSettings
+from ..grids.renderer import Rendered, number
 from .host import networks_module
 
 

@@ -21,7 +21,7 @@ def preset_choices() -> list[str]:
     """"" (no default) and the training presets; just "" when the presets can't be loaded, so a
     broken module costs the dropdown its choices, not the WebUI its Settings page."""
     try:
-        from ..presets import preset_names
+        from ..training.presets import preset_names
 
         return ["", *preset_names()]
     except Exception as e:
@@ -33,7 +33,7 @@ def add_settings() -> None:
     import gradio as gr
     from modules import shared
 
-    from ..tagger import DEFAULT_MODEL, WD_MODELS, TagOptions
+    from ..dataset.tagger import DEFAULT_MODEL, WD_MODELS, TagOptions
 
     tag_defaults = TagOptions()
     masked = (gr.Textbox, {"type": "password"})

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from ..host import SD1, SD2, SDXL
+from ..hosts.host import SD1, SD2, SDXL
 from ..jobs import RUNNING, Job, JobRunner
 from ..paths import OPT_MODEL_CACHE, OPT_PROJECTS_ROOT, default_model_cache, default_projects_root
 from ..studio import Studio

@@ -1,0 +1,513 @@
+"""Benchmarks that print a table: `python -m lora_trainer_ext bench dedupe|train|grid`.
+
+dedupe: hashing speed is measured on generated images of booru-like sizes written to a temporary
+project; grouping speed on synthetic perceptual hashes with planted near-duplicates, so the 10k case
+needs no 10k image files.
+
+train: seconds per step of the real `trainer.train()` loop on a random-weight checkpoint
+(`random_models`) and a generated project, against the floor: the bare UNet forward + MSE + backward
+of the same host with the same network attached, on precomputed latents and conditioning. Their ratio
+is the trainer's own overhead (data, noise, conditioning, optimizer, logging): the target is < 1.10.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..dataset.dedupe import DEFAULT_THRESHOLD, ImageInfo, find_groups, scan
+from ..errors import LoraMakerError
+from ..hosts.host import SDXL, Host, SizeInfo
+from ..hosts.standalone import load_checkpoint
+from ..progress import Status
+from ..project import Project
+from ..training.model_mode import prepared_for_training
+from ..training.network import Network, NetworkConfig
+from ..training.settings import TrainSettings
+from ..training.trainer import autocast_for, train
+from .random_models import CAPTION_TAGS, preset, preset_checkpoint
+
+
+def _make_images(folder: Path, count: int, size: tuple[int, int], fmt: str, rng: np.random.Generator) -> None:
+    from PIL import Image, ImageFilter
+
+    for i in range(count):
+        # Smooth noise: compresses and decodes like an illustration, not like white noise.
+        small = rng.integers(0, 256, (size[1] // 32, size[0] // 32, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize(size, Image.BICUBIC).filter(ImageFilter.GaussianBlur(2))
+        buf = io.BytesIO()
+        img.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+        (folder / f"img{i:05d}.{'jpg' if fmt == 'JPEG' else 'png'}").write_bytes(buf.getvalue())
+
+
+def hashing_rate(count: int, size: tuple[int, int], fmt: str, workers: int) -> float:
+    """Images per second through `dedupe.scan` (cold cache: decode, sha256, pHash)."""
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        project = Project.open(Path(tmp), "bench", create=True)
+        _make_images(project.dataset_dir, count, size, fmt, rng)
+        start = time.perf_counter()
+        scan(project, workers=workers)
+        return count / (time.perf_counter() - start)
+
+
+def synthetic_infos(count: int, rng: np.random.Generator) -> list[ImageInfo]:
+    """`count` hashes: 90% unrelated, 10% near copies (1-4 bits flipped) of another one."""
+    base = rng.integers(0, 2**63, count, dtype=np.uint64) | (rng.integers(0, 2, count, dtype=np.uint64) << np.uint64(63))
+    copies = rng.choice(count, count // 10, replace=False)
+    sources = rng.integers(0, count, len(copies))
+    for i, src in zip(copies, sources):
+        flips = rng.choice(64, rng.integers(1, 5), replace=False)
+        base[i] = base[src] ^ np.uint64(sum(1 << int(b) for b in flips))
+    return [
+        ImageInfo(f"{i:06d}.png", 100_000 + i, 0, 512, 512, f"{i:064x}", f"{int(h):016x}")
+        for i, h in enumerate(base)
+    ]
+
+
+def grouping_time(count: int, threshold: int, repeats: int = 3) -> tuple[float, int]:
+    """Best-of-`repeats` seconds for `find_groups` over `count` images, and the number of groups."""
+    infos = synthetic_infos(count, np.random.default_rng(count))
+    best, groups = float("inf"), 0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        groups = len(find_groups(infos, threshold))
+        best = min(best, time.perf_counter() - start)
+    return best, groups
+
+
+def dedupe_table(images: int = 200) -> str:
+    workers = os.cpu_count() or 1
+    rows = [("what", "size", "result")]
+    for fmt, size in [("JPEG", (1024, 1536)), ("PNG", (1024, 1536)), ("JPEG", (2048, 3072))]:
+        rate = hashing_rate(images, size, fmt, workers)
+        rows.append((f"hash {images} {fmt} images ({workers} workers)", f"{size[0]}x{size[1]}", f"{rate:,.0f} images/s"))
+    for count, threshold in [(1_000, DEFAULT_THRESHOLD), (10_000, DEFAULT_THRESHOLD), (10_000, 12), (100_000, DEFAULT_THRESHOLD)]:
+        seconds, groups = grouping_time(count, threshold)
+        rows.append((f"group {count:,} hashes, threshold {threshold}", "-", f"{seconds * 1000:,.1f} ms ({groups:,} groups)"))
+    return render_table(rows)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+WARMUP_STEPS = 2  # not timed: first-call allocations, the optimizer's state, autotuning
+
+
+@dataclass
+class TrainCase:
+    model: str  # a random_models preset
+    resolution: int
+    batch: int
+    network: str  # "lora" or "locon"
+
+
+@dataclass
+class TrainRow:
+    case: TrainCase
+    step_s: float  # median seconds per timed step of train()
+    floor_s: float  # median seconds per timed forward + loss + backward
+    peak_bytes: int | None  # during train()'s timed steps
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.case.batch / self.step_s
+
+    @property
+    def ratio(self) -> float:
+        return self.step_s / self.floor_s
+
+
+def _rss_reader():
+    """(a function giving this process's resident memory in bytes, its source): psutil, else Linux's
+    /proc; (None, "") where neither is there."""
+    try:
+        import psutil
+
+        process = psutil.Process()
+        return (lambda: process.memory_info().rss), "psutil"
+    except ImportError:
+        pass
+    statm = Path("/proc/self/statm")
+    if statm.is_file():
+        page = os.sysconf("SC_PAGE_SIZE")
+        return (lambda: int(statm.read_text().split()[1]) * page), "/proc/self/statm"
+    return None, ""
+
+
+class PeakMemory:
+    """The peak memory of a stretch of work, between `start()` and `stop()`. CUDA: the allocator's peak.
+    CPU: the process's RSS sampled every few milliseconds (torch's CPU tensors are invisible to
+    tracemalloc), or where RSS can't be read, the process's lifetime peak RSS (ru_maxrss)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.read, self.source = (None, "") if device.type == "cuda" else _rss_reader()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._peak = 0
+
+    @property
+    def description(self) -> str:
+        if self.device.type == "cuda":
+            return "torch.cuda.max_memory_allocated over the timed steps"
+        if self.read is not None:
+            return (f"process RSS sampled every 5 ms over the timed steps ({self.source}; the whole process, so "
+                    "run one --model per process for that model's own figure)")
+        return "process lifetime peak RSS (ru_maxrss: neither psutil nor /proc)"
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.read is not None:
+            self._peak, self._running = self.read(), True
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    def _sample(self) -> None:
+        while self._running:
+            self._peak = max(self._peak, self.read())
+            time.sleep(0.005)
+
+    def stop(self) -> int | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        if self._thread is not None:
+            self._running = False
+            self._thread.join()
+            self._thread = None
+            return self._peak
+        try:
+            import resource
+        except ImportError:  # Windows
+            return None
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # Linux counts KiB
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _caption(rng: np.random.Generator) -> str:
+    return ", ".join(rng.choice(CAPTION_TAGS, 12, replace=False))
+
+
+def synthetic_project(root: Path, images: int, resolution: int, seed: int = 0) -> Project:
+    """A project of `images` square generated pictures of side `resolution` with booru-style captions."""
+    rng = np.random.default_rng(seed)
+    project = Project.open(root, "bench", create=True)
+    _make_images(project.dataset_dir, images, (resolution, resolution), "PNG", rng)
+    for image in project.images():
+        Project.caption_path(image).write_text(_caption(rng), encoding="utf-8")
+    return project
+
+
+def bench_settings(case: TrainCase, steps: int) -> TrainSettings:
+    """The guide's defaults at the case's size, UNet only, as one epoch of exactly `steps` steps
+    (so no epoch file or state is saved between timed steps)."""
+    return TrainSettings(resolution=case.resolution, min_bucket=min(256, case.resolution),
+                         max_bucket=case.resolution, batch_size=case.batch, repeats=steps, epochs=1,
+                         max_steps=steps, save_every_n_epochs=0, text_encoder_lr=0.0, network=case.network)
+
+
+def training_step_times(host: Host, project: Project, settings: TrainSettings, lora_dir: Path, warmup: int,
+                        memory: PeakMemory) -> tuple[list[float], int | None]:
+    """Seconds of each step of `train()` after `warmup` steps (between consecutive training statuses,
+    so latent caching is left out), and the peak memory over those steps."""
+    stamps: list[float] = []
+    peak: list[int | None] = [None]
+
+    def on_status(status: Status) -> None:
+        if status.phase != "training":
+            return
+        stamps.append(time.perf_counter())
+        if status.step == warmup:
+            memory.start()
+        if status.step == status.total_steps:
+            peak[0] = memory.stop()
+
+    try:
+        train(project, host, settings, lora_dir, name="bench", on_status=on_status)
+    finally:
+        if peak[0] is None:  # stopped early: don't leave the RSS sampler running
+            memory.stop()
+    return [b - a for a, b in zip(stamps[warmup - 1 :], stamps[warmup:])], peak[0]
+
+
+def floor_step_times(host: Host, settings: TrainSettings, steps: int, warmup: int, seed: int = 0) -> list[float]:
+    """Seconds of each bare forward + MSE + backward (after `warmup`) of `host`'s UNet with `settings`'
+    network attached, under the trainer's precision and checkpointing, on fixed latents and conditioning
+    of the trainer's shapes: no data, noise, optimizer or logging."""
+    s = settings.resolved(host.kind)
+    side, batch = s.resolution, s.batch_size
+    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        shape = host.encode_images(torch.zeros(1, 3, side, side)).shape[1:]  # the VAE's latent shape
+    latents = torch.randn((batch, *shape), generator=generator).to(host.device, host.dtype)
+    wanted = torch.randn((batch, *shape), generator=generator).to(host.device)
+    timesteps = torch.randint(0, len(host.alphas_cumprod), (batch,), generator=generator).to(host.device)
+    sizes = [SizeInfo((side, side), (0, 0), (side, side))] * batch if host.kind == SDXL else None
+    autocast, _ = autocast_for(host, s.mixed_precision)
+    times = []
+    with prepared_for_training(host, bool(s.gradient_checkpointing)):
+        with torch.no_grad(), autocast:
+            cond = host.conditioning([_caption(rng) for _ in range(batch)], sizes)
+        network = Network(host, NetworkConfig(s.network, s.dim, s.alpha, s.conv_dim, s.conv_alpha))
+        network.attach()
+        network.train()
+        params = list(network.parameters())
+        try:
+            for _ in range(warmup + steps):
+                _sync(host.device)
+                start = time.perf_counter()
+                with autocast:
+                    prediction = host.apply_model(latents, timesteps, cond)
+                F.mse_loss(prediction.float(), wanted).backward()
+                _sync(host.device)
+                times.append(time.perf_counter() - start)
+                for p in params:
+                    p.grad = None
+        finally:
+            network.detach()
+    return times[warmup:]
+
+
+def bench_host(folder: Path, model: str, device: torch.device) -> Host:
+    """A random-weight host of preset `model`, written as a checkpoint and loaded as the CLI loads one
+    (fp16 weights on CUDA, fp32 on the CPU)."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    path = preset_checkpoint(folder, model, dtype=dtype, device=device)
+    return load_checkpoint(path, device=device, dtype=dtype)
+
+
+def train_benchmark(models: list[str], networks: list[str], batch: int = 4, steps: int = 5,
+                    resolution: int | None = None, device: str | torch.device = "cpu",
+                    warmup: int = WARMUP_STEPS, on_row=None) -> list[TrainRow]:
+    """A TrainRow per (model, network): train() against the floor, `steps` timed steps each."""
+    if steps < 1 or batch < 1 or warmup < 1:
+        raise LoraMakerError("bench train needs --steps and --batch of at least 1")
+    device = torch.device(device)
+    memory = PeakMemory(device)
+    rows = []
+    for model in models:
+        side = resolution or preset(model)[1].resolution
+        with tempfile.TemporaryDirectory(prefix="lora-maker-bench-") as tmp:
+            host = bench_host(Path(tmp) / "model", model, device)
+            project = synthetic_project(Path(tmp) / "projects", batch, side)
+            for network in networks:
+                case = TrainCase(model, side, batch, network)
+                settings = bench_settings(case, warmup + steps)
+                ours, peak = training_step_times(host, project, settings, Path(tmp) / "lora", warmup, memory)
+                floor = floor_step_times(host, settings, steps, warmup)
+                row = TrainRow(case, statistics.median(ours), statistics.median(floor), peak)
+                rows.append(row)
+                if on_row:
+                    on_row(row)
+            del host
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+TRAIN_COLUMNS = ("model", "resolution", "batch", "network", "s/step", "samples/s", "peak mem", "floor s/step", "ratio")
+
+
+def _size(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def train_row(row: TrainRow) -> tuple[str, ...]:
+    c = row.case
+    return (c.model, f"{c.resolution}px", str(c.batch), c.network, f"{row.step_s:.3f}", f"{row.samples_per_s:.2f}",
+            _size(row.peak_bytes), f"{row.floor_s:.3f}", f"{row.ratio:.3f}")
+
+
+def render_table(rows: list[tuple[str, ...]]) -> str:
+    """Rows of cells (the first the header) as aligned text columns."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def environment(device: torch.device) -> str:
+    """What the numbers were measured on: device, torch version, CPU threads."""
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    return (f"device: {device} ({where}); torch {torch.__version__}; {torch.get_num_threads()} CPU threads "
+            f"of {os.cpu_count()} cores")
+
+
+def train_table(rows: list[TrainRow], device: str | torch.device = "cpu", warmup: int = WARMUP_STEPS) -> str:
+    device = torch.device(device)
+    notes = [environment(device), f"peak mem: {PeakMemory(device).description}",
+             f"s/step: median of the timed steps of train() (after {warmup} warm-up steps; latent caching "
+             "excluded); floor: median forward + MSE + backward alone; ratio = s/step / floor (target < 1.10)"]
+    return "\n".join([*notes, render_table([TRAIN_COLUMNS, *map(train_row, rows)])])
+
+
+# -------------------------------------------------------------------------------------------- grids
+# bench grid: `grids.render_grid` on a random-weight model with random LoRA "epochs". Generation is
+# the renderer's sampling and VAE decoding inside that grid; everything else is the grid's overhead:
+# planning, loading LoRA files, attaching and detaching them, infotexts, PNG saving, scoring
+# (overcooking only: no tagger is downloaded), grid assembly and grid.json. For scale, the floors:
+# sampling + decoding one image alone, without and with a LoRA attached (its bypass modules compute at
+# every step, which the WebUI, merging the weights, does not pay).
+
+GRID_WEIGHTS = (0.0, 0.5, 1.0)
+GRID_EPOCHS = 2
+
+
+@dataclass
+class GridRow:
+    model: str
+    side: int
+    steps: int
+    images: int  # distinct images rendered
+    total_s: float  # planning + render_grid
+    floor_s: float  # median sampling + decode of one image without a LoRA, alone
+    lora_floor_s: float  # the same with a LoRA attached
+    phases: dict[str, float]  # seconds in the grid: plan, load, sample, decode, render (all the
+    # renderer's calls), save, score, assemble, write
+
+    @property
+    def generation_s(self) -> float:
+        return self.phases["sample"] + self.phases["decode"]
+
+    @property
+    def overhead_s(self) -> float:
+        return self.total_s - self.generation_s
+
+    @property
+    def apply_s(self) -> float:
+        """The renderer's calls beyond loading, sampling and decoding: attach, detach, infotexts."""
+        return self.phases["render"] - self.phases["load"] - self.generation_s
+
+
+def random_lora_epochs(host: Host, lora_dir: Path, name: str, epochs: int, seed: int = 0) -> None:
+    """`epochs` LoRA files `name-000001..` and the final `name` of one made-up run, with small random
+    weights (UNet, and the text encoder where the kind allows), in the layout the trainer writes."""
+    from ..training import lora_file
+
+    generator = torch.Generator().manual_seed(seed)
+    network = Network(host, NetworkConfig("lora", 8, 8.0), train_text_encoder=host.kind != SDXL)
+    info = lora_file.NetworkInfo(8, 8.0)
+    for epoch in range(1, epochs + 1):
+        with torch.no_grad():
+            for p in network.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+        tensors = lora_file.to_output_names(network.lora_state_dict(), host.kind, network.module_paths())
+        metadata = lora_file.lora_metadata(host.kind, host.parameterization, info,
+                                           {"output_name": name, "session_id": seed, "epoch": epoch})
+        stem = name if epoch == epochs else f"{name}-{epoch:06d}"
+        lora_file.save_lora(lora_dir / f"{stem}.safetensors", tensors, metadata)
+
+
+def _generation_time(renderer, cell, settings, repeats: int) -> float:
+    """Median seconds of the renderer's sampling + VAE decode of `cell` (its LoRA as the caller set it)."""
+    times = []
+    for _ in range(repeats):
+        _sync(renderer.host.device)
+        start = time.perf_counter()
+        renderer.host.decode_latents(renderer.sample(cell, settings))
+        _sync(renderer.host.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def grid_benchmark(models: list[str], steps: int = 20, resolution: int | None = None, sampler: str = "DPM++ 2M",
+                   device: str | torch.device = "cpu", repeats: int = 3, on_row=None) -> list[GridRow]:
+    """A GridRow per model: a grid of GRID_EPOCHS epochs x GRID_WEIGHTS rendered with `render_grid`,
+    after one untimed warm-up image (first-call allocations, the checkpoint's hash)."""
+    from ..grids.plan import RenderSettings, make_plan
+    from ..grids.render import render_grid
+    from ..hosts.standalone_render import StandaloneRenderer, applied
+
+    if steps < 1 or repeats < 1:
+        raise LoraMakerError("bench grid needs --steps of at least 1")
+    device = torch.device(device)
+    rows = []
+    for model in models:
+        side = resolution or preset(model)[1].resolution
+        with tempfile.TemporaryDirectory(prefix="lora-maker-bench-") as tmp:
+            host = bench_host(Path(tmp) / "model", model, device)
+            lora_dir = Path(tmp) / "lora"
+            random_lora_epochs(host, lora_dir, "bench", GRID_EPOCHS)
+            project = Project.open(Path(tmp) / "projects", "bench", create=True)
+            prompt = ", ".join(CAPTION_TAGS[:8])
+            settings = RenderSettings(sampler=sampler, steps=steps, width=side, height=side)
+            renderer = StandaloneRenderer(host)
+
+            start = time.perf_counter()
+            plan = make_plan(lora_dir, "bench", [("main", prompt)], weights=GRID_WEIGHTS, settings=settings)
+            plan_s = time.perf_counter() - start
+            cells = plan.cells()
+            bare = next(c for c in cells if not c.weight)
+            with_lora = next(c for c in cells if c.weight)
+            renderer.render(bare, settings)  # warm-up
+            floor = _generation_time(renderer, bare, settings, repeats)
+            with applied(renderer.lora(with_lora.epoch.path).network, with_lora.weight):
+                lora_floor = _generation_time(renderer, with_lora, settings, repeats)
+            renderer.refresh()  # the grid loads its LoRA files itself, as after training
+            renderer.seconds = dict.fromkeys(renderer.seconds, 0.0)
+
+            _sync(device)
+            start = time.perf_counter()
+            result = render_grid(project, plan, renderer)
+            _sync(device)
+            total = time.perf_counter() - start + plan_s
+            row = GridRow(model, side, steps, result.rendered, total, floor, lora_floor,
+                          {"plan": plan_s, **renderer.seconds, **result.timings})
+            rows.append(row)
+            if on_row:
+                on_row(row)
+            del host, renderer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+GRID_COLUMNS = ("model", "size", "steps", "images", "s/image", "generation s/image", "overhead s/image", "overhead",
+                "floor s/image", "LoRA floor s/image")
+GRID_PHASES = ("plan", "LoRA load", "attach+infotext", "save", "score", "assemble", "write")
+
+
+def grid_row(row: GridRow) -> tuple[str, ...]:
+    n = row.images
+    return (row.model, f"{row.side}px", str(row.steps), str(n), f"{row.total_s / n:.3f}", f"{row.generation_s / n:.3f}",
+            f"{row.overhead_s / n:.3f}", f"{row.overhead_s / row.generation_s:.1%}", f"{row.floor_s:.3f}",
+            f"{row.lora_floor_s:.3f}")
+
+
+def grid_phase_row(row: GridRow) -> tuple[str, ...]:
+    p = row.phases
+    values = (p["plan"], p["load"], row.apply_s, p["save"], p["score"], p["assemble"], p["write"])
+    return (row.model, *(f"{v * 1000:.1f}" for v in values))
+
+
+def grid_table(rows: list[GridRow], device: str | torch.device = "cpu") -> str:
+    device = torch.device(device)
+    weights = ", ".join(f"{w:g}" for w in GRID_WEIGHTS)
+    notes = [environment(device),
+             f"one prompt x {GRID_EPOCHS} epochs x weights {weights} (0 = no LoRA, rendered once); s/image: the whole "
+             f"grid, planning included, per image rendered; generation: the renderer's sampling + VAE decode in the "
+             f"grid; overhead: the rest (per image, and as a share of generation); floor: sampling + decode of one "
+             f"image alone (median), without and with a LoRA attached"]
+    phases = render_table([("model", *(f"{name} ms" for name in GRID_PHASES)), *map(grid_phase_row, rows)])
+    return "\n".join([*notes, render_table([GRID_COLUMNS, *map(grid_row, rows)]),
+                      "overhead by phase, whole grid (score: overcooking only, no tagger):", phases])

@@ -1,0 +1,90 @@
+"""Put the host's model into training shape and give it back exactly as it was.
+
+The model belongs to the host (in the WebUI it renders images before and after training), so every
+change is recorded and undone in `finally`: requires_grad, train/eval mode, and ldm/sgm's own
+gradient-checkpoint flags. Those flags must be off while a LoRA trains: ldm's checkpoint function
+recomputes with the block's own parameters only, so the LoRA weights patched into the block get no
+gradient (webui-host.md). Checkpointing, when wanted, is torch's non-reentrant kind around whole
+UNet blocks, which sees every parameter the block uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..hosts.host import Host
+
+_FLAGS = ("checkpoint", "use_checkpoint")  # ldm/sgm: BasicTransformerBlock.checkpoint, ResBlock.use_checkpoint
+
+
+def _modules(host: Host) -> list[torch.nn.Module]:
+    return [host.unet, *host.text_encoders]
+
+
+def _checkpointed(forward):
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def _unet_blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
+    """The ldm/sgm UNet's top-level blocks, the unit of our gradient checkpointing."""
+    blocks = [*getattr(unet, "input_blocks", []), *getattr(unet, "output_blocks", [])]
+    middle = getattr(unet, "middle_block", None)
+    return blocks + ([middle] if middle is not None else [])
+
+
+@contextlib.contextmanager
+def prepared_for_training(host: Host, gradient_checkpointing: bool = False) -> Iterator[None]:
+    """Freeze every host weight, turn off ldm/sgm's checkpoint flags, optionally checkpoint UNet
+    blocks; on exit restore requires_grad, modes, flags and forwards, whatever happened."""
+    params = [p for module in _modules(host) for p in module.parameters()]
+    grads = [p.requires_grad for p in params]
+    modes = [(m, m.training) for module in _modules(host) for m in module.modules()]
+    flags = [
+        (m, name, getattr(m, name))
+        for module in _modules(host) for m in module.modules() for name in _FLAGS
+        if isinstance(getattr(m, name, None), bool) and not isinstance(getattr(type(m), name, None), property)
+    ]
+    patched: list[torch.nn.Module] = []
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for m, name, _ in flags:
+            setattr(m, name, False)
+        for module in _modules(host):
+            module.eval()  # no dropout in the frozen model; the LoRA modules train on their own
+        if gradient_checkpointing:
+            for block in _unet_blocks(host.unet):
+                if "forward" not in block.__dict__:
+                    block.forward = _checkpointed(block.forward)
+                    patched.append(block)
+        yield
+    finally:
+        for block in patched:
+            del block.forward
+        for m, name, value in flags:
+            setattr(m, name, value)
+        for m, training in modes:
+            m.training = training
+        for p, requires_grad in zip(params, grads):
+            p.requires_grad_(requires_grad)
+
+
+def parameter_fingerprint(host: Host) -> dict[str, str]:
+    """sha256 of every host weight by name: equal before and after training, or something leaked."""
+    import hashlib
+
+    out = {}
+    for label, module in (("unet", host.unet), *((f"te{i}", te) for i, te in enumerate(host.text_encoders))):
+        for name, tensor in module.state_dict().items():
+            data = tensor.detach().cpu().contiguous()
+            out[f"{label}.{name}"] = hashlib.sha256(data.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    return out

@@ -1,0 +1,72 @@
+"""Learning-rate schedules: the four the guide offers, as multipliers of the base learning rate per
+optimizer step, with the same shapes as diffusers' schedulers (which sd-scripts uses), so a LoRA
+trained here follows the curve users know from the notebooks.
+
+The multiplier is a small picklable object rather than a closure, so `LambdaLR.state_dict()` holds
+everything needed to resume.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..errors import LoraMakerError
+
+if TYPE_CHECKING:  # the settings form reads SCHEDULERS without loading torch
+    import torch
+
+SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts")
+# Schedulers that ramp up first; plain "constant" ignores warmup, as in diffusers and the notebooks.
+WARMUP_SCHEDULERS = ("constant_with_warmup", "cosine", "cosine_with_restarts")
+
+
+def warmup_steps(total_steps: int, ratio: float) -> int:
+    """Warmup length as the notebooks compute it: the whole part of total x ratio."""
+    return int(total_steps * ratio)
+
+
+@dataclass(frozen=True)
+class LrMultiplier:
+    """step -> factor of the base learning rate (LambdaLR calls it with the number of steps taken)."""
+
+    name: str
+    total_steps: int
+    warmup_steps: int = 0
+    restarts: int = 1
+
+    def __call__(self, step: int) -> float:
+        warmup = self.warmup_steps if self.name in WARMUP_SCHEDULERS else 0
+        if step < warmup:  # linear ramp from 0; step 0 trains at lr 0, as in diffusers
+            return step / warmup
+        if self.name in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = (step - warmup) / max(1, self.total_steps - warmup)
+        if self.name == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+        # cosine_with_restarts: `restarts` full cosine cycles, each jumping back to 1 (hard restarts).
+        if progress >= 1.0:
+            return 0.0
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((self.restarts * progress) % 1.0))))
+
+
+def lr_lambda(name: str, total_steps: int, warmup_steps: int = 0, restarts: int = 1) -> LrMultiplier:
+    """The multiplier function of schedule `name` (one of SCHEDULERS)."""
+    if name not in SCHEDULERS:
+        raise LoraMakerError(f"unknown lr_scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
+    if total_steps < 1:
+        raise LoraMakerError(f"a schedule needs at least 1 step, got {total_steps}")
+    if warmup_steps < 0 or restarts < 1:
+        raise LoraMakerError(f"warmup steps must be >= 0 and restarts >= 1 (got {warmup_steps}, {restarts})")
+    return LrMultiplier(name, total_steps, warmup_steps, restarts)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_steps: int = 0, restarts: int = 1
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR over every parameter group (each group keeps its own base lr: UNet and text
+    encoder). Call `.step()` after each optimizer step; resume with `.load_state_dict()`."""
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(name, total_steps, warmup_steps, restarts))

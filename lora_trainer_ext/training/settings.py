@@ -1,0 +1,345 @@
+"""Training settings: every knob of a LoRA run with the seed guide's defaults, by the names the
+project's settings.json (section "train") and the CLI's `--set key=value` use; their checks; and the
+step arithmetic the guide teaches (images x repeats x epochs / batch = steps, aim at 250-1000).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import math
+import typing
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from ..errors import LoraMakerError
+from ..hosts.host import SD1, SD2, SDXL
+from ..project import Project
+from .schedules import SCHEDULERS, WARMUP_SCHEDULERS, warmup_steps
+
+NETWORKS = ("lora", "locon")
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy")
+PRECISIONS = ("fp16", "bf16", "no")
+LATENT_CACHES = ("ram", "disk")
+CHOICES = {
+    "lr_scheduler": SCHEDULERS,
+    "network": NETWORKS,
+    "optimizer": OPTIMIZERS,
+    "mixed_precision": PRECISIONS,
+    "cache_latents": LATENT_CACHES,
+}
+# The package each optional optimizer comes from (AdamW is torch's own).
+OPTIMIZER_PACKAGES = {"AdamW8bit": "bitsandbytes", "Prodigy": "prodigyopt"}
+GUIDE_STEPS = (250, 1000)  # the guide's advice for total steps
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+_NONE = {"", "none", "null", "auto"}
+
+
+@dataclass
+class TrainSettings:
+    # -- images --
+    resolution: int | None = None  # training side in pixels (area = side²); None: 512, or 1024 for SDXL
+    buckets: bool = True  # aspect-ratio buckets; off: every image is centre-cropped to a square
+    bucket_step: int = 64  # bucket sides are multiples of this
+    min_bucket: int = 256  # shortest bucket side
+    max_bucket: int | None = None  # longest bucket side; None: 1024, or twice the resolution above 512
+    bucket_no_upscale: bool = False  # small images keep their size (floored to bucket_step) instead of being enlarged
+    flip_aug: bool = False  # mirror images at random; balances poses but may confuse left and right
+    # -- captions --
+    shuffle_tags: bool = True  # shuffle the tags of each caption every time it is seen (turn off for sentences)
+    keep_tokens: int | None = None  # leading tags kept in place (activation tags); None: the dataset's keep_tokens
+    caption_dropout: float = 0.0  # chance of training an image with an empty caption
+    tag_dropout: float = 0.0  # chance of leaving out each shuffled tag
+    # -- steps --
+    repeats: int = 10  # times each image is seen per epoch
+    epochs: int = 10  # passes over the repeated dataset (ignored when max_steps is set)
+    max_steps: int | None = None  # train exactly this many steps instead of a number of epochs
+    batch_size: int = 2  # images per step (all of one bucket)
+    save_every_n_epochs: int = 1  # save an epoch's LoRA every N epochs to compare them later; 0: only the final one
+    keep_last_n_epochs: int = 10  # keep only the newest N epoch files; 0: keep all
+    # -- learning --
+    unet_lr: float = 5e-4  # UNet learning rate (1e-4 to 2e-4 to "cook slowly")
+    text_encoder_lr: float = 1e-4  # text encoder learning rate, 1/2 to 1/5 of the UNet's; 0: UNet only
+    lr_scheduler: str = "cosine_with_restarts"  # constant, constant_with_warmup, cosine or cosine_with_restarts
+    lr_restarts: int = 3  # cosine cycles of cosine_with_restarts
+    warmup_ratio: float = 0.05  # share of the steps spent ramping the learning rate up (not for constant)
+    min_snr_gamma: float = 5.0  # min-SNR loss weighting gamma; 0: off
+    noise_offset: float = 0.0  # extra per-channel noise that lets the LoRA learn very dark/bright images; 0: off
+    seed: int = 42  # seed of shuffles, augmentations, noise and the network's initial weights
+    optimizer: str = "AdamW"  # AdamW; AdamW8bit (bitsandbytes) or Prodigy (prodigyopt, lr about 1) when installed
+    max_grad_norm: float = 1.0  # gradient norm clipping; 0: off
+    # -- network --
+    network: str = "lora"  # lora, or locon to also adapt the convolutions (good for styles)
+    dim: int = 16  # rank of the attention/linear layers (16 is about 18 MB on SD1.5)
+    alpha: float = 8.0  # scale = alpha / dim
+    conv_dim: int = 8  # rank of the convolution layers (locon only)
+    conv_alpha: float = 4.0  # conv scale = conv_alpha / conv_dim (locon only)
+    # -- memory and speed --
+    mixed_precision: str = "fp16"  # autocast dtype: fp16 (with loss scaling), bf16, or no
+    gradient_checkpointing: bool | None = None  # recompute activations to save memory; None: on for SDXL only
+    cache_latents: str = "ram"  # encode every image once and keep the latents in ram, or on disk for big sets
+    clip_skip: int | None = None  # text encoder layer from the end; None: the host's own setting (the WebUI's)
+
+    # ---- conversion ----
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainSettings":
+        """Settings from a settings.json section or parsed --set pairs (values converted and checked
+        by field type; unknown names are an error naming the closest ones)."""
+        if not isinstance(values, dict):
+            raise LoraMakerError(f"training settings must be a mapping of name to value, got {type(values).__name__}")
+        return cls(**{key: _convert(key, value) for key, value in values.items()})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "TrainSettings":
+        return TrainSettings.from_dict({**self.to_dict(), **changes})
+
+    def resolved(self, kind: str, project: Project | None = None) -> "TrainSettings":
+        """A copy with every "by model"/"by dataset" value filled in for a model of `kind`."""
+        if kind not in (SD1, SD2, SDXL):
+            raise LoraMakerError(f"unknown model kind {kind!r}")
+        resolution = self.resolution or (1024 if kind == SDXL else 512)
+        keep_tokens = self.keep_tokens
+        if keep_tokens is None:
+            keep_tokens = int((project.settings().get("dataset", {}) if project else {}).get("keep_tokens", 0) or 0)
+        return dataclasses.replace(
+            self,
+            resolution=resolution,
+            max_bucket=self.max_bucket or (1024 if resolution <= 512 else 2 * resolution),
+            keep_tokens=keep_tokens,
+            gradient_checkpointing=(kind == SDXL) if self.gradient_checkpointing is None else self.gradient_checkpointing,
+        )
+
+    # ---- checks ----
+
+    def validate(self, kind: str | None = None) -> list[str]:
+        """Raise LoraMakerError listing every impossible value (resolution and bucket sides checked
+        against `kind`'s multiple once known); return advice about legal but unusual values."""
+        problems: list[str] = []
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                problems.append(message)
+
+        for name in ("repeats", "batch_size", "dim", "lr_restarts", "bucket_step", "min_bucket"):
+            need(getattr(self, name) >= 1, f"{name} must be at least 1 (got {getattr(self, name)})")
+        for name in ("max_steps", "resolution", "max_bucket", "clip_skip"):
+            value = getattr(self, name)
+            need(value is None or value >= 1, f"{name} must be at least 1 (got {value})")
+        need(self.max_steps is not None or self.epochs >= 1, f"epochs must be at least 1 (got {self.epochs})")
+        for name in ("unet_lr", "text_encoder_lr", "min_snr_gamma", "noise_offset", "max_grad_norm",
+                     "save_every_n_epochs", "keep_last_n_epochs", "keep_tokens"):  # fmt: skip
+            value = getattr(self, name)
+            need(value is None or value >= 0, f"{name} must not be negative (got {value})")
+        need(self.unet_lr > 0 or self.text_encoder_lr > 0, "unet_lr and text_encoder_lr are both 0: nothing would train")
+        need(self.alpha > 0, f"alpha must be above 0 (got {self.alpha})")
+        if self.network == "locon":
+            need(self.conv_dim >= 1, f"conv_dim must be at least 1 for locon (got {self.conv_dim})")
+            need(self.conv_alpha > 0, f"conv_alpha must be above 0 (got {self.conv_alpha})")
+        for name in ("caption_dropout", "tag_dropout"):
+            need(0 <= getattr(self, name) <= 1, f"{name} is a chance between 0 and 1 (got {getattr(self, name)})")
+        need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be from 0 to below 1 (got {self.warmup_ratio})")
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            need(value in allowed, f"{name} must be one of {', '.join(allowed)} (got {value!r})")
+
+        # The UNet halves the latents 3 (SD1/2) or 2 (SDXL) times: sides must divide evenly.
+        multiples = {"resolution": 32 if kind == SDXL else 64} if kind else {}
+        multiples["bucket_step"] = multiples.get("resolution")
+        if self.bucket_step >= 1:
+            multiples.update(min_bucket=self.bucket_step, max_bucket=self.bucket_step)
+        for name, multiple in multiples.items():
+            value = getattr(self, name)
+            of = f"{multiple} for {kind}" if name in ("resolution", "bucket_step") else f"bucket_step {multiple}"
+            need(not multiple or not value or value % multiple == 0, f"{name} must be a multiple of {of} (got {value})")
+        low, high, side = self.min_bucket, self.max_bucket, self.resolution
+        if high and low > high:
+            problems.append(f"min_bucket {low} is above max_bucket {high}")
+        elif side and high and not low <= side <= high:
+            problems.append(f"resolution {side} must lie between min_bucket {low} and max_bucket {high}")
+
+        if self.optimizer in OPTIMIZERS and not optimizer_available(self.optimizer):
+            package = OPTIMIZER_PACKAGES[self.optimizer]
+            problems.append(
+                f"optimizer {self.optimizer} needs the {package} package: pip install {package} into the WebUI's "
+                "Python, or --set optimizer=AdamW"
+            )
+        if problems:
+            raise LoraMakerError("bad training settings: " + "; ".join(problems))
+
+        advice = []
+        if self.optimizer == "Prodigy" and max(self.unet_lr, self.text_encoder_lr) <= 0.1:
+            advice.append("Prodigy finds its own step size: set unet_lr (and text_encoder_lr) to about 1")
+        if self.text_encoder_lr > self.unet_lr > 0:
+            advice.append("text_encoder_lr above unet_lr: the guide uses 1/2 to 1/5 of the UNet's")
+        return advice
+
+
+@lru_cache(maxsize=None)
+def optimizer_available(name: str) -> bool:
+    """Whether optimizer `name` can be built here (its package imports)."""
+    if name not in OPTIMIZERS:
+        return False
+    package = OPTIMIZER_PACKAGES.get(name)
+    if package is None:
+        return True
+    try:
+        importlib.import_module(package)
+    except Exception:  # a package that is installed but broken (no CUDA build, ...) is as good as absent
+        return False
+    return True
+
+
+# ---- --set and the settings file ----
+
+_HINTS = typing.get_type_hints(TrainSettings)
+FIELDS = tuple(f.name for f in dataclasses.fields(TrainSettings))
+
+
+def _base_type(name: str) -> tuple[type, bool]:
+    """(the field's value type, whether None is allowed)."""
+    hint = _HINTS[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return (args[0] if args else hint), type(None) in typing.get_args(hint)
+
+
+def _unknown(key: str) -> LoraMakerError:
+    close = difflib.get_close_matches(key, FIELDS, n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"known settings: {', '.join(FIELDS)}"
+    return LoraMakerError(f"unknown training setting {key!r}: {hint}")
+
+
+def _convert(key: str, value):
+    """`value` (text from --set, or JSON from the settings file) as setting `key`'s type."""
+    if key not in FIELDS:
+        raise _unknown(key)
+    kind, optional = _base_type(key)
+    text = value.strip() if isinstance(value, str) else None
+    if value is None or (optional and text is not None and text.lower() in _NONE):
+        if optional:
+            return None
+        raise LoraMakerError(f"setting {key} needs a value")
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            word = str(value).strip().lower()
+            if word in _TRUE | _FALSE:
+                return word in _TRUE
+            raise ValueError
+        if kind is int:
+            number = float(text) if text is not None else value
+            if isinstance(number, bool) or number != int(number):
+                raise ValueError
+            return int(number)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(text if text is not None else value)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
+        word = str(value).strip()
+        allowed = CHOICES.get(key)
+        if allowed:  # choices are matched without regard to case: adamw8bit -> AdamW8bit
+            match = next((c for c in allowed if c.lower() == word.lower()), None)
+            if match is None:
+                raise LoraMakerError(f"setting {key} must be one of {', '.join(allowed)}, got {word!r}")
+            return match
+        return word
+    except (TypeError, ValueError, OverflowError):
+        expected = {bool: "true or false", int: "a whole number", float: "a number"}.get(kind, "text")
+        raise LoraMakerError(f"setting {key} must be {expected}{' or none' if optional else ''}, got {value!r}") from None
+
+
+def parse_set(pairs: list[str]) -> dict:
+    """`["epochs=4", "network=locon"]` -> {"epochs": 4, "network": "locon"}, converted by field type."""
+    values = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise LoraMakerError(f"--set needs key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        key = key.strip().replace("-", "_")
+        values[key] = _convert(key, value)
+    return values
+
+
+def load(project: Project) -> TrainSettings:
+    """The project's saved training settings (defaults for anything not saved)."""
+    section = project.settings().get("train", {})
+    try:
+        return TrainSettings.from_dict(section)
+    except LoraMakerError as e:
+        raise LoraMakerError(f"{project.settings_path}: {e} (fix or remove it in the \"train\" section)") from None
+
+
+def save(project: Project, settings: TrainSettings) -> None:
+    project.update_settings(train=settings.to_dict())
+
+
+# ---- step arithmetic ----
+
+
+@dataclass
+class StepPlan:
+    images: int
+    repeats: int
+    batch_size: int
+    epochs: int
+    steps_per_epoch: int  # batches per epoch (filled per bucket, so possibly more than images x repeats / batch)
+    total_steps: int
+    warmup_steps: int
+    max_steps: int | None = None  # set when the run is counted in steps rather than epochs
+    warnings: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        """One line: "40 images x 10 repeats x 10 epochs / batch 2 = 2000 steps"."""
+        plain = math.ceil(self.images * self.repeats / self.batch_size)
+        if self.max_steps is not None:
+            per_epoch = f"{self.steps_per_epoch} steps" + ("" if plain == self.steps_per_epoch else " filled per bucket")
+            return (
+                f"{self.total_steps} steps = about {self.epochs} epochs of "
+                f"{self.images} images x {self.repeats} repeats / batch {self.batch_size} ({per_epoch})"
+            )
+        line = (
+            f"{self.images} images x {self.repeats} repeats x {self.epochs} epochs / batch {self.batch_size} "
+            f"= {plain * self.epochs} steps"
+        )
+        if plain != self.steps_per_epoch:
+            line += f" ({self.total_steps} with batches filled per bucket)"
+        return line
+
+
+def step_arithmetic(images: int, settings: TrainSettings, bucket_sizes: list[int] | None = None) -> StepPlan:
+    """The run's steps: images x repeats / batch per epoch (rounded up, per bucket when the images'
+    `bucket_sizes` are given, since a batch holds one bucket), times epochs, or `max_steps`."""
+    if images < 1:
+        raise LoraMakerError("the dataset has no images: nothing to train on")
+    counts = bucket_sizes or [images]
+    per_epoch = sum(math.ceil(n * settings.repeats / settings.batch_size) for n in counts)
+    if settings.max_steps is not None:
+        total, epochs = settings.max_steps, math.ceil(settings.max_steps / per_epoch) if per_epoch else 0
+    else:
+        total, epochs = per_epoch * settings.epochs, settings.epochs
+    if total < 1:
+        raise LoraMakerError(
+            f"{images} images x {settings.repeats} repeats x {settings.epochs} epochs makes 0 steps: "
+            "raise repeats or epochs"
+        )
+    warmup = warmup_steps(total, settings.warmup_ratio) if settings.lr_scheduler in WARMUP_SCHEDULERS else 0
+    low, high = GUIDE_STEPS
+    knobs = "max_steps" if settings.max_steps is not None else "repeats or epochs"
+    warnings = []
+    if total < low:
+        warnings.append(f"{total} steps is below the guide's {low}-{high}: raise {knobs} (or the LoRA may be undercooked)")
+    elif total > high:
+        warnings.append(
+            f"{total} steps is above the guide's {low}-{high}: lower {knobs} (or raise batch_size) to avoid overcooking"
+        )
+    return StepPlan(
+        images, settings.repeats, settings.batch_size, epochs, per_epoch, total, warmup, settings.max_steps, warnings
+    )

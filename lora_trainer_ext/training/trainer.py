@@ -1,0 +1,432 @@
+"""The training loop: a project's dataset, a host's model, settings in; LoRA files out.
+
+    result = train(project, host, settings, lora_dir)
+
+Everything that can be checked is checked before the model is touched (dataset, settings, steps).
+The host's model is then prepared (training_mode.py), latents are cached once per image and
+orientation, and the loop runs with the network attached; whatever happens, the network is detached
+and the model restored. Epoch files are `NAME-000001.safetensors` ..., the last `NAME.safetensors`;
+the resumable state (network, optimizer, scheduler, step, RNG) lives in the project's train/ folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import files
+from ..dataset.curate import activation_tags
+from ..errors import LoraMakerError
+from ..hosts.host import Host
+from ..progress import Control, Progress, Status
+from ..project import Project
+from . import lora_file, objective
+from .data import TrainData, dataset_dirs, metadata_tag_frequency
+from .model_mode import prepared_for_training
+from .network import Network, NetworkConfig
+from .schedules import make_scheduler
+from .settings import TrainSettings
+
+STATE_FILE = "state.pt"
+
+
+@dataclass
+class Result:
+    files: list[Path] = field(default_factory=list)  # every LoRA written, in order
+    final: Path | None = None  # NAME.safetensors when training ran to the end
+    steps: int = 0
+    stopped: bool = False
+    loss_log: Path | None = None
+
+
+def state_dir(project: Project) -> Path:
+    return project.path / "train"
+
+
+def _optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
+    if name == "AdamW":
+        # One fused kernel instead of a loop over hundreds of small tensors: on CUDA, and on the CPU
+        # from torch 2.4 (the WebUI's torch 2.1 refuses it there).
+        on_cuda = all(p.is_cuda for group in groups for p in group["params"])
+        fused = on_cuda or tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 4)
+        return torch.optim.AdamW(groups, weight_decay=1e-2, fused=fused)
+    if name == "AdamW8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(groups, weight_decay=1e-2)
+    if name == "Prodigy":
+        import prodigyopt
+
+        return prodigyopt.Prodigy(groups, weight_decay=1e-2, safeguard_warmup=True, use_bias_correction=True)
+    raise LoraMakerError(f"unknown optimizer {name!r}")
+
+
+def autocast_for(host: Host, precision: str):
+    """Autocast on CUDA (fp16 with loss scaling, or bf16); plain fp32 maths on the CPU."""
+    if host.device.type != "cuda" or precision == "no":
+        return torch.autocast(host.device.type, enabled=False), None
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    scaler = None
+    if dtype == torch.float16:  # torch.amp.GradScaler from torch 2.3; the WebUI's 2.1 has the cuda one
+        scaler = torch.amp.GradScaler("cuda") if hasattr(torch.amp, "GradScaler") else torch.cuda.amp.GradScaler()
+    return torch.autocast("cuda", dtype=dtype), scaler
+
+
+@contextlib.contextmanager
+def _clip_skip(host: Host, clip_skip: int | None):
+    """The run's clip skip on a host that lets us set it (the standalone one; the WebUI's follows its
+    own setting, as its txt2img does), put back afterwards."""
+    before = getattr(host, "clip_skip", None)
+    if clip_skip is None or clip_skip == before:
+        yield
+        return
+    try:
+        host.clip_skip = clip_skip
+    except AttributeError:  # the WebUI's model follows its own setting
+        raise LoraMakerError(f"clip skip is {before} in the WebUI's settings: train with that (leave clip_skip unset) "
+                             "or change it there") from None
+    try:
+        yield
+    finally:
+        host.clip_skip = before
+
+
+@contextlib.contextmanager
+def _vae_off_the_gpu(host: Host):
+    """Once the latents are cached the VAE has nothing to do: free its GPU memory for the training
+    (as sd-scripts does) and put it back where it was afterwards."""
+    vae = getattr(host, "vae", None)
+    device = next(vae.parameters()).device if vae is not None and any(True for _ in vae.parameters()) else None
+    if device is None or device.type != "cuda":
+        yield
+        return
+    vae.to("cpu")
+    torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        import gc
+
+        gc.collect()  # after an out-of-memory error, free what the failed step held before moving back
+        torch.cuda.empty_cache()
+        vae.to(device)
+
+
+def cache_latents(host: Host, data: TrainData, progress: Progress, disk: Path | None = None) -> dict:
+    """Latents of every (image, flip) the run can ask for, encoded once: kept on the CPU (RAM), or
+    in `disk` files for big datasets. Returns {key: tensor or path}."""
+    keys = data.cache_keys()
+    cache: dict = {}
+    with torch.no_grad(), progress.task("caching latents", len(keys)) as task:
+        for index, flip in keys:
+            if progress.should_stop():
+                raise KeyboardInterrupt
+            pixels, _ = data.pixels(index, flip)
+            latent = host.encode_images(pixels.unsqueeze(0).to(host.device, host.dtype))[0].float().cpu()
+            if not torch.isfinite(latent).all():
+                latent = torch.nan_to_num(latent, nan=0.0, posinf=0.0, neginf=0.0)  # as sd-scripts: a fp16 VAE overflow
+            if disk is None:
+                cache[(index, flip)] = latent
+            else:
+                path = disk / f"{index:06d}{'-flip' if flip else ''}.pt"
+                torch.save(latent, path)
+                cache[(index, flip)] = path
+            task.advance()
+    return cache
+
+
+def _cached(cache: dict, key) -> torch.Tensor:
+    value = cache[key]
+    return torch.serialization.load(value) if isinstance(value, Path) else value  # see load_state
+
+
+class _Trainer:
+    def __init__(self, project: Project, host: Host, settings: TrainSettings, lora_dir: Path, name: str,
+                 control: Control, on_status: Callable[[Status], None], progress: Progress):
+        self.project, self.host, self.lora_dir, self.name = project, host, Path(lora_dir), name
+        self.control, self.on_status, self.progress = control, on_status, progress
+        settings = settings.resolved(host.kind, project)
+        settings.validate(host.kind)
+        self.settings = settings
+        self.data = TrainData.from_project(project, settings, host.kind, progress)  # checks the dataset
+        self.plan = self.data.step_plan()
+        self.total_steps = self.plan.total_steps
+        self.epochs = -(-self.total_steps // self.plan.steps_per_epoch)
+        self.train_te = settings.text_encoder_lr > 0 and host.kind != "sdxl" and bool(host.text_encoders)
+        if settings.unet_lr <= 0 and not self.train_te:
+            raise LoraMakerError("nothing would be trained: unet_lr is 0 and this model's text encoder is not trained")
+        if host.device.type == "cuda" and settings.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise LoraMakerError("this GPU has no bf16: set mixed_precision=fp16")
+        if settings.mixed_precision == "no" and host.dtype != torch.float32:
+            raise LoraMakerError("mixed_precision=no needs the model in full precision (the WebUI's --no-half): "
+                                 "use fp16 or bf16")
+        self.result = Result()
+        self.started_at = time.time()
+        self.epoch_files: list[str] = []  # this run's epoch files, oldest first (keep_last_n_epochs prunes them)
+
+    # ---- saving ----
+
+    def _run_facts(self, epoch: int, step: int) -> dict:
+        s = self.settings
+        return {
+            "output_name": self.name, "session_id": self.session_id, "training_started_at": self.started_at,
+            "training_finished_at": time.time(), "sd_model_name": self.host.model_name,
+            "seed": s.seed, "num_epochs": self.epochs, "epoch": epoch,
+            "steps": step, "max_train_steps": self.total_steps, "num_batches_per_epoch": self.plan.steps_per_epoch,
+            "num_train_images": len(self.data.items) * s.repeats, "batch_size_per_device": s.batch_size,
+            "total_batch_size": s.batch_size, "learning_rate": s.unet_lr, "unet_lr": s.unet_lr,
+            "text_encoder_lr": s.text_encoder_lr if self.train_te else 0.0, "optimizer": s.optimizer,
+            "lr_scheduler": s.lr_scheduler, "lr_warmup_steps": self.plan.warmup_steps, "max_grad_norm": s.max_grad_norm,
+            "mixed_precision": s.mixed_precision, "gradient_checkpointing": s.gradient_checkpointing,
+            "cache_latents": True, "clip_skip": getattr(self.host, "clip_skip", None), "min_snr_gamma": s.min_snr_gamma or None,
+            "noise_offset": s.noise_offset or None, "keep_tokens": s.keep_tokens, "flip_aug": s.flip_aug,
+            "shuffle_caption": s.shuffle_tags, "caption_dropout_rate": s.caption_dropout,
+            "caption_tag_dropout_rate": s.tag_dropout, "enable_bucket": s.buckets, "min_bucket_reso": s.min_bucket,
+            "max_bucket_reso": s.max_bucket, "bucket_no_upscale": s.bucket_no_upscale,
+            "bucket_info": self.data.plan.bucket_info(s.repeats), "resolution": s.resolution,
+            "dataset_dirs": dataset_dirs(self.project, s.repeats, len(self.data.items)),
+            "tag_frequency": metadata_tag_frequency(self.project), "trigger_phrase": activation_tags(self.project) or None,
+        }
+
+    def save_lora(self, path: Path, epoch: int, step: int) -> Path:
+        s = self.settings
+        info = lora_file.NetworkInfo(s.dim, s.alpha, s.conv_dim if s.network == "locon" else None,
+                                     s.conv_alpha if s.network == "locon" else None)
+        metadata = lora_file.lora_metadata(self.host.kind, self.host.parameterization, info, self._run_facts(epoch, step))
+        tensors = lora_file.to_output_names(self.network.lora_state_dict(), self.host.kind, self.network.module_paths())
+        lora_file.save_lora(path, tensors, metadata)
+        lora_file.write_card(path, ", ".join(activation_tags(self.project)), 0, self.host.kind)
+        self.result.files.append(path)
+        return path
+
+    def save_epoch(self, epoch: int, step: int) -> None:
+        path = self.save_lora(self.lora_dir / f"{self.name}-{epoch:06d}.safetensors", epoch, step)
+        self.epoch_files.append(path.name)
+        keep = self.settings.keep_last_n_epochs
+        while keep and len(self.epoch_files) > keep:  # kohya's save_last_n_epochs, for this run's files only
+            old = self.lora_dir / self.epoch_files.pop(0)
+            old.unlink(missing_ok=True)
+            lora_file.card_path(old).unlink(missing_ok=True)
+
+    def save_state(self, step: int, epoch: int, batch: int) -> None:
+        state = {
+            "version": 1, "name": self.name, "settings": self.settings.to_dict(), "kind": self.host.kind,
+            "model_name": self.host.model_name, "step": step, "epoch": epoch, "batch": batch,
+            "network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
+            "session_id": self.session_id, "started_at": self.started_at, "losses": self.losses[-100:],
+            "total_steps": self.total_steps, "dataset": self._dataset_fingerprint(), "epoch_files": self.epoch_files,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        files.write_bytes(state_dir(self.project) / STATE_FILE, buffer.getvalue())
+
+    def load_state(self) -> dict:
+        path = state_dir(self.project) / STATE_FILE
+        if not path.is_file():
+            raise LoraMakerError(f"nothing to resume: no saved training state in {path.parent}")
+        # torch.serialization.load, not torch.load: the WebUI swaps torch.load for a checker that refuses
+        # current torch's archive layout (and returns None); this file is our own.
+        state = torch.serialization.load(path, map_location="cpu", weights_only=False)
+        if state.get("kind") != self.host.kind or state.get("settings") != self.settings.to_dict():
+            raise LoraMakerError(
+                "the saved training state is for other settings or another model type: resume with the same "
+                "settings and model, or start a new run"
+            )
+        if state.get("model_name") != self.host.model_name:
+            raise LoraMakerError(f"the stopped run trained on {state.get('model_name')}, not {self.host.model_name}: "
+                                 "load that model to resume, or start a new run")
+        if state.get("dataset") != self._dataset_fingerprint() or state.get("total_steps") != self.total_steps:
+            raise LoraMakerError("the dataset changed since the run stopped (images or captions): start a new run")
+        return state
+
+    def _dataset_fingerprint(self) -> str:
+        import hashlib
+
+        text = "\n".join(f"{item.image.name}\t{item.width}x{item.height}\t{item.caption}" for item in self.data.items)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    # ---- the loop ----
+
+    def _gpu_memory(self) -> str:
+        if self.host.device.type != "cuda":
+            return ""
+        free, total = torch.cuda.mem_get_info(self.host.device)
+        return f"GPU memory: {free / 2**30:.1f} GB free of {total / 2**30:.1f} GB"
+
+    def _out_of_memory(self) -> str:
+        s = self.settings
+        peak = torch.cuda.max_memory_allocated(self.host.device) / 2**30
+        advice = [f"batch_size={max(1, s.batch_size // 2)}"]
+        if not s.gradient_checkpointing:
+            advice.append("gradient_checkpointing=true")
+        if s.resolution > 512:
+            advice.append(f"resolution={s.resolution - 256}")
+        if s.optimizer == "AdamW":
+            advice.append("optimizer=AdamW8bit")
+        return (f"out of GPU memory (peak {peak:.1f} GB; {self._gpu_memory()}): try " + ", ".join(advice)
+                + ", or close other programs using the GPU")
+
+    def status(self, phase: str, **values) -> None:
+        if self.host.device.type == "cuda":
+            values["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.host.device) / 2**30
+        self.on_status(Status(phase, total_steps=self.total_steps, epochs=self.epochs, **values))
+
+    def run(self, resume: bool) -> Result:
+        s = self.settings
+        self.session_id = random.randint(0, 2**31)
+        self.lora_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(s.seed)  # the network's initial weights
+        self.status("plan", message="\n".join(filter(None, [self.plan.render(), *self.plan.warnings, self._gpu_memory()])))
+        with prepared_for_training(self.host, bool(s.gradient_checkpointing)), _clip_skip(self.host, s.clip_skip):
+            self.status("caching latents")
+            disk = None
+            if s.cache_latents == "disk":
+                disk = state_dir(self.project) / "latents"
+                disk.mkdir(parents=True, exist_ok=True)
+            self.cache = cache_latents(self.host, self.data, self.progress, disk)
+            config = NetworkConfig(s.network, s.dim, s.alpha, s.conv_dim, s.conv_alpha)
+            self.network = Network(self.host, config, train_text_encoder=self.train_te)
+            try:
+                self.network.attach()
+                with _vae_off_the_gpu(self.host):
+                    return self._loop(resume)
+            except torch.cuda.OutOfMemoryError:
+                raise LoraMakerError(self._out_of_memory()) from None
+            except KeyboardInterrupt:  # Ctrl-C or the WebUI's interrupt: keep what was learned
+                if getattr(self, "position", None):
+                    self.save_state(*self.position)
+                raise
+            finally:
+                self.network.detach()
+
+    def _loop(self, resume: bool) -> Result:
+        s, host = self.settings, self.host
+        self.optimizer = _optimizer(s.optimizer, self.network.parameter_groups(s.unet_lr, s.text_encoder_lr))
+        self.scheduler = make_scheduler(self.optimizer, s.lr_scheduler, self.total_steps, self.plan.warmup_steps, s.lr_restarts)
+        autocast, self.scaler = autocast_for(host, s.mixed_precision)
+        self.generator = torch.Generator().manual_seed(s.seed)
+        self.losses: list[float] = []
+        self.position = None
+        step, start_epoch, skip = 0, 0, 0
+        if resume:
+            state = self.load_state()
+            self.network.load_state_dict(state["network"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.generator.set_state(state["generator"])
+            if self.scaler and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            self.epoch_files = list(state.get("epoch_files", []))
+            step, start_epoch, skip = state["step"], state["epoch"], state["batch"]
+            self.session_id, self.started_at, self.losses = state["session_id"], state["started_at"], state["losses"]
+        log_path = state_dir(self.project) / "runs" / f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(self.started_at))}.csv"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.result.loss_log = log_path
+        new_log = not log_path.exists()
+        scaler = self.scaler
+        timesteps_total = len(host.alphas_cumprod)
+        alphas = host.alphas_cumprod.to(host.device)
+        params = list(self.network.parameters())
+        self.network.train()
+        started, first_step = time.monotonic(), step
+        with open(log_path, "a", newline="", encoding="utf-8") as log_file:
+            log = csv.writer(log_file)
+            if new_log:
+                log.writerow(["step", "epoch", "loss", "lr", "seconds"])
+            for epoch in range(start_epoch, self.epochs):
+                plans = self.data.epoch_plan(epoch)
+                for batch_index, plan in enumerate(plans):
+                    if batch_index < skip:
+                        continue
+                    if step >= self.total_steps:
+                        break
+                    latents = torch.stack([_cached(self.cache, key) for key in plan.keys]).to(host.device)
+                    noise, timesteps = objective.sample(latents, self.generator, timesteps_total, s.noise_offset)
+                    noisy = objective.add_noise(latents, noise, timesteps, alphas)
+                    sizes = self.data.sizes(plan) if host.kind == "sdxl" else None
+                    with autocast:
+                        with torch.set_grad_enabled(self.train_te):
+                            cond = host.conditioning(plan.captions, sizes)
+                        prediction = host.apply_model(noisy.to(host.dtype), timesteps, cond)
+                    wanted = objective.target(latents, noise, timesteps, alphas, host.parameterization)
+                    weights = (objective.snr_weights(timesteps, alphas, s.min_snr_gamma, host.parameterization)
+                               if s.min_snr_gamma else None)
+                    loss = objective.loss(prediction, wanted, weights)
+                    if not torch.isfinite(loss):
+                        if self.position:
+                            self.save_state(*self.position)  # what was learned up to here, resumable
+                        raise LoraMakerError(
+                            f"the loss became {loss.item()} at step {step + 1}: lower the learning rate, or use bf16 "
+                            "or no mixed precision"
+                        )
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if scaler:
+                        scaler.scale(loss).backward()
+                        scaler.unscale_(self.optimizer)
+                    else:
+                        loss.backward()
+                    if s.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+                    if scaler:
+                        scaler.step(self.optimizer)
+                        scaler.update()
+                    else:
+                        self.optimizer.step()
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    self.scheduler.step()
+                    step += 1
+                    self.position = (step, epoch, batch_index + 1)  # where a resume continues
+                    self.losses.append(loss.item())
+                    elapsed = time.monotonic() - started
+                    rate = (step - first_step) / elapsed if elapsed > 0 else None
+                    log.writerow([step, epoch + 1, f"{loss.item():.6f}", f"{lr:.3e}", f"{elapsed:.2f}"])
+                    recent = self.losses[-20:]
+                    self.status("training", step=step, epoch=epoch + 1, loss=sum(recent) / len(recent), lr=lr,
+                                it_per_s=rate, eta_s=(self.total_steps - step) / rate if rate else None)
+                    if self.control.take_save_request():
+                        self.save_lora(self.lora_dir / f"{self.name}-step{step:08d}.safetensors", epoch + 1, step)
+                        self.save_state(step, epoch, batch_index + 1)
+                    if self.control.stop_requested or self.progress.should_stop():
+                        self.result.stopped = True
+                        if self.control.save_on_stop:
+                            self.status("saving", step=step, epoch=epoch + 1)
+                            self.save_lora(self.lora_dir / f"{self.name}-step{step:08d}.safetensors", epoch + 1, step)
+                        self.save_state(step, epoch, batch_index + 1)
+                        self.result.steps = step
+                        return self.result
+                skip = 0
+                last = epoch + 1 == self.epochs or step >= self.total_steps
+                every = s.save_every_n_epochs
+                if not last and every and (epoch + 1) % every == 0:
+                    self.status("saving", step=step, epoch=epoch + 1)
+                    self.save_epoch(epoch + 1, step)
+                self.save_state(step, epoch + 1, 0)
+                if last:
+                    break
+        self.status("saving", step=step, epoch=self.epochs)
+        self.result.final = self.save_lora(self.lora_dir / f"{self.name}.safetensors", self.epochs, step)
+        self.result.steps = step
+        (state_dir(self.project) / STATE_FILE).unlink(missing_ok=True)  # finished: nothing left to resume
+        self.status("done", step=step, epoch=self.epochs)
+        return self.result
+
+
+def train(project: Project, host: Host, settings: TrainSettings, lora_dir: Path, *, name: str | None = None,
+          resume: bool = False, control: Control | None = None, on_status: Callable[[Status], None] | None = None,
+          progress: Progress | None = None) -> Result:
+    """Train a LoRA on `host` from `project`'s dataset into `lora_dir` (`name` defaults to the
+    project's). Raises LoraMakerError before touching the model when the dataset or settings can't
+    work; on stop, the state is saved and `resume=True` continues the same run."""
+    trainer = _Trainer(project, host, settings, lora_dir, name or project.name, control or Control(),
+                       on_status or (lambda status: None), progress or Progress())
+    return trainer.run(resume)
