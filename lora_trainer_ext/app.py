@@ -7,13 +7,8 @@ template response), plus the few WebUI helpers they use (`gradioApp`, `onUiLoade
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from functools import lru_cache
 from pathlib import Path
 
-from .jobs import JobRunner
-from .paths import default_lora_dir, default_model_cache, default_projects_root
 from .studio import Studio
 
 EXTENSION_ROOT = Path(__file__).resolve().parent.parent
@@ -39,62 +34,6 @@ if (typeof gradioApp !== "function") {
   }, 100);
 }
 """
-
-
-def standalone_studio(checkpoint: Path | None = None, root: Path | None = None, lora_dir: Path | None = None,
-                      model_cache: Path | None = None, device: str | None = None) -> Studio:
-    """A Studio training on `checkpoint` (loaded once, on the first run) under a process-wide GPU lock."""
-    from .errors import LoraMakerError
-
-    root = Path(root) if root else default_projects_root()
-    cache = Path(model_cache) if model_cache else default_model_cache()
-    gpu = threading.Lock()
-
-    @lru_cache(maxsize=1)
-    def host():
-        import torch
-
-        from .hosts.standalone import load_checkpoint
-
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.float16 if dev.startswith("cuda") else torch.float32
-        return load_checkpoint(checkpoint, device=dev, dtype=dtype)
-
-    def open_host():
-        if checkpoint is None:
-            raise LoraMakerError("no model to train on: start the app with --checkpoint FILE")
-        return contextlib.nullcontext(host())
-
-    @lru_cache(maxsize=1)
-    def model_kind():
-        if checkpoint is None:
-            return None
-        from .hosts.standalone import detect_kind, read_state_dict
-
-        path = Path(checkpoint)
-        if path.suffix.lower() == ".safetensors":  # the names alone, without reading gigabytes
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                return detect_kind(f.keys(), path.name)
-        return detect_kind(read_state_dict(path).keys(), path.name)
-
-    @contextlib.contextmanager
-    def open_renderer():
-        from .hosts.standalone_render import StandaloneRenderer
-
-        with open_host() as model:
-            yield StandaloneRenderer(model)
-
-    return Studio(
-        open_renderer=open_renderer,
-        projects_root=lambda: root,
-        model_cache=lambda: cache,
-        open_host=open_host,
-        model_kind=model_kind,
-        lora_dir=lambda name: Path(lora_dir) / name if lora_dir else default_lora_dir(name, root),
-        jobs=JobRunner(guard=lambda job: gpu),
-    )
 
 
 def _inject_page_assets() -> None:

@@ -17,8 +17,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Callable, ContextManager
 
-from .dataset.http import Stopped
-from .errors import LoraMakerError
+from .errors import Busy, LoraMakerError, Stopped
 from .progress import Control, Progress, Status, Task
 
 RUNNING, DONE, STOPPED, FAILED = "running", "done", "stopped", "failed"
@@ -41,6 +40,7 @@ class Job:
     error: str = ""
     finished_at: float | None = None
     control: Control = field(default_factory=Control, repr=False)
+    result: object = field(default=None, repr=False)  # what the work returned (the CLI reports from it)
 
     def snapshot(self) -> dict:
         """A JSON-ready picture of the job for the UI and the API."""
@@ -106,7 +106,7 @@ class JobRunner:
         LoraMakerError if a job is already running."""
         with self._lock:
             if self.busy():
-                raise LoraMakerError(f"'{self._job.title}' is still running: stop it or wait for it to finish")
+                raise Busy(f"'{self._job.title}' is still running: wait for it to finish or stop it first")
             job = Job(next(_ids), title, project, kind)
             job.task_id = f"task(lora-maker-{job.id}-{int(job.started_at)})"
             self._job = job
@@ -125,7 +125,7 @@ class JobRunner:
 
         try:
             with guard(job):
-                result = work(job.control, on_status)
+                result = job.result = work(job.control, on_status)
             job.files = [str(p) for p in getattr(result, "files", [])]
             job.summary = result.summary() if hasattr(result, "summary") else ""
             stopped = getattr(result, "stopped", False) or job.control.stop_requested

@@ -6,17 +6,27 @@
         history/        every caption edit, undoable (history.py)
         settings.json   activation tags, keep_tokens, tagger and training settings
         .cache/         derived data that can be rebuilt (image hashes)
+        .busy.json      while a job works on the project: which job, in which process
+
+The busy file is how one process (the WebUI, the CLI, the standalone app) sees that another works on
+the project: `claim` writes it for the length of a job, `claimed_by` reads it, ignoring the file of a
+process that is gone (a killed job cannot lock a project for good).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import socket
+import time
 from pathlib import Path
+from typing import Iterator
 
-from . import files
+from . import files, migrations
 from .dataset.images import IMAGE_EXTS
-from .errors import LoraMakerError
+from .errors import Busy, LoraMakerError
 
 # Names end up in file names and in prompts (`<lora:NAME:0.8>`): letters, digits, `_`, `-`, `.`;
 # no spaces, colons, brackets or path separators.
@@ -42,6 +52,7 @@ class Project:
         self.history_dir = self.path / "history"
         self.settings_path = self.path / "settings.json"
         self.cache_dir = self.path / ".cache"
+        self.busy_path = self.path / ".busy.json"
 
     @classmethod
     def open(cls, root: Path, name: str, create: bool = False) -> "Project":
@@ -65,11 +76,15 @@ class Project:
         return image.with_suffix(".txt")
 
     def settings(self) -> dict:
-        return files.read_json(self.settings_path, {}) or {}
+        """settings.json, migrated to this release's version (`migrations.py`); {} when there is none."""
+        data = files.read_json(self.settings_path, {}) or {}
+        if not isinstance(data, dict):
+            raise LoraMakerError(f"{self.settings_path} must hold a JSON object: fix or remove it")
+        return migrations.migrate(data, str(self.settings_path)) if data else {}
 
     def settings_text(self, **sections: dict) -> str:
         """The settings file's text with `sections` merged in (written through the history, so undoable)."""
-        settings = self.settings()
+        settings = self.settings() or {"version": migrations.VERSION}
         for section, values in sections.items():
             settings.setdefault(section, {}).update(values)
         return json.dumps(settings, indent=2, ensure_ascii=False) + "\n"
@@ -77,8 +92,56 @@ class Project:
     def update_settings(self, **sections: dict) -> None:
         files.write_text(self.settings_path, self.settings_text(**sections))
 
+    @contextlib.contextmanager
+    def claim(self, job: str) -> Iterator[None]:
+        """Mark the project as worked on by `job` (e.g. "train mychar") while the block runs; Busy if
+        a live job of any process has it already."""
+        holder = self.claimed_by()
+        if holder:
+            raise Busy(busy_message(holder, self.name))
+        mine = {"job": job, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        files.write_json(self.busy_path, mine)
+        try:
+            yield
+        finally:
+            if files.read_json(self.busy_path, None) == mine:  # never remove another job's claim
+                self.busy_path.unlink(missing_ok=True)
+
+    def claimed_by(self) -> str | None:
+        """Who works on the project now, quoted for a message ("'train mychar'", with the process when it
+        is not this one), or None."""
+        try:
+            claim = files.read_json(self.busy_path, None)
+        except (OSError, ValueError):  # being written, or left half-written by a crash: not a live claim
+            return None
+        if not isinstance(claim, dict) or not _alive(claim):
+            return None
+        job = f"'{claim.get('job') or 'a job'}'"
+        if claim.get("pid") == os.getpid() and claim.get("host") == socket.gethostname():
+            return job
+        return f"{job} (in another process, pid {claim.get('pid')})"
+
     def relative(self, path: Path) -> str:
         return Path(path).resolve().relative_to(self.path.resolve()).as_posix()
+
+
+def busy_message(holder: str, project: str) -> str:
+    """The one refusal of an edit or a job while `holder` (`Project.claimed_by`) works on `project`."""
+    return f"{holder} is working on {project!r}: wait for it to finish or stop it first"
+
+
+def _alive(claim: dict) -> bool:
+    """Whether the claiming process still runs (a claim from another machine sharing the folder is
+    taken as live: its process cannot be checked from here)."""
+    if claim.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(claim.get("pid")), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):  # another user's live process; a malformed pid
+        return isinstance(claim.get("pid"), int)
+    return True
 
 
 def list_projects(root: Path) -> list[str]:

@@ -1,8 +1,13 @@
 """LoRA Maker as a running service: the projects, the one background job, and the model it trains on.
 
-The tab (`tab/`) and the HTTP API (`api.py`) are two faces of one `Studio`, so a click and a request
-do exactly the same thing. The WebUI adapter (`webui/studio.py`) and the standalone app (`app.py`) each
-build one from what their host provides: the model, the GPU lock, the Lora folder and the settings.
+The tab (`tab/`), the HTTP API (`api/`) and the CLI are faces of one `Studio`: every user action, quick
+(a caption edit, the training plan) or long (a job), is a method here, so a click, a request and a
+command do exactly the same thing and refuse the same things. The WebUI adapter (`webui/studio.py`) and
+the standalone app (`app.py`, also the CLI's) each build one from what their host provides: the model,
+the GPU lock, the Lora folder and the settings.
+
+The busy policy: one job at a time, and no edit of a project's dataset while a job (of this process or
+another: `Project.claim`) works on that project; both refusals are `Busy`, with one message.
 """
 
 from __future__ import annotations
@@ -11,36 +16,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
-from .hosts.host import Host
+from .errors import Busy
+from .hosts.host import Host, gpu_memory
 from .jobs import Job, JobProgress, JobRunner
 from .paths import OPT_DEFAULT_PRESET, OPT_DEFAULT_TAGGER, OPT_TAG_CHARACTER_THRESHOLD, OPT_TAG_THRESHOLD
 from .progress import Status
-from .project import Project, list_projects
+from .project import Project, busy_message, list_projects
 from .training import settings as train_settings
 from .training.settings import TrainSettings
-
-
-def _cuda_memory() -> tuple[float, float] | None:
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    free, total = torch.cuda.mem_get_info()
-    return free / 2**30, total / 2**30
 
 
 @dataclass
 class Studio:
     projects_root: Callable[[], Path]
     model_cache: Callable[[], Path | None]
-    # The model to train on, ready for training, put back exactly as it was on exit.
-    open_host: Callable[[], ContextManager[Host]]
+    # The model to train on (for a run of these settings, or None), ready for training, put back exactly as
+    # it was on exit.
+    open_host: Callable[[TrainSettings | None], ContextManager[Host]]
     # SD1/SD2/SDXL of the model training would use, or None when none is loaded (cheap: no loading).
     model_kind: Callable[[], str | None]
     lora_dir: Callable[[str], Path]  # where a project's LoRA files go
     jobs: JobRunner = field(default_factory=JobRunner)
     files_saved: Callable[[list[Path]], None] = lambda files: None  # e.g. refresh the WebUI's Lora list
-    gpu_memory: Callable[[], tuple[float, float] | None] = _cuda_memory  # free, total GiB
+    gpu_memory: Callable[[], tuple[float, float] | None] = gpu_memory  # free, total GiB of the training GPU
     option: Callable[[str], Any] = lambda key: None  # a setting of the host (the WebUI's Settings page)
     # What renders grid cells (the WebUI's txt2img, or the standalone sampler), inside the GPU job.
     open_renderer: Callable[[], ContextManager] | None = None
@@ -58,6 +56,61 @@ class Studio:
     def project(self, name: str, create: bool = False) -> Project:
         """The project `name` (validated: names never reach outside the projects root)."""
         return Project.open(self.projects_root(), name, create=create)
+
+    def editable(self, name: str) -> Project:
+        """Project `name`, or Busy while a job works on it (an edit would race the job's writes, or
+        change a dataset under a training run, which then could not resume)."""
+        project = self.project(name)
+        job = self.jobs.current()
+        holder = f"'{job.title}'" if self.jobs.busy() and job.project == name else project.claimed_by()
+        if holder:
+            raise Busy(busy_message(holder, name))
+        return project
+
+    # ---- project edits (each refused while a job works on the project) ----
+
+    def edit_tags(self, name: str, edits, where=None) -> int:
+        """Apply `curate.Edits` to the captions `where` (a `curate.Filter`, default all) selects, as one
+        undoable step; returns how many captions changed."""
+        from .dataset import curate
+
+        return curate.edit_tags(self.editable(name), edits, where or curate.Filter())
+
+    def set_caption(self, name: str, image: str, caption: str) -> bool:
+        from .dataset import curate
+
+        return curate.set_caption(self.editable(name), image, caption)
+
+    def undo_edit(self, name: str):
+        """Undo the latest caption edit (`history.Edit`, or None when there is none)."""
+        from .dataset.history import History
+
+        return History(self.editable(name)).undo()
+
+    def trash_images(self, name: str, images: list[str], reason: str) -> list:
+        """Move dataset images (by file name) and their captions to the project's trash."""
+        from .dataset.trash import move_to_trash
+
+        project = self.editable(name)
+        return move_to_trash(project, {project.dataset_dir / image: reason for image in images})
+
+    def restore_trash(self, name: str, names: list[str] | None = None) -> list:
+        """Put trashed images back (`names`, or everything)."""
+        from .dataset.trash import restore
+
+        return restore(self.editable(name), names)
+
+    def find_duplicates(self, name: str, threshold: int, progress=None) -> tuple[list, list]:
+        """(duplicate groups, every image's scan) of project `name` at `threshold` bits."""
+        from .dataset.dedupe import find_groups, scan
+
+        infos = scan(self.project(name), progress)
+        return find_groups(infos, threshold), infos
+
+    def trash_duplicates(self, name: str, groups: list) -> int:
+        from .dataset.dedupe import trash_duplicates
+
+        return trash_duplicates(self.editable(name), groups)
 
     # ---- defaults from the host's settings ----
 
@@ -107,7 +160,7 @@ class Studio:
             todo = plan(project, client, tags, limit=limit, progress=progress)
             return download(project, todo, workers=workers, save_tags=save_tags, progress=progress)
 
-        return self.jobs.start(f"scrape {name}", name, work, kind="scrape", gpu=False)
+        return self._start(f"scrape {name}", project, work, kind="scrape", gpu=False)
 
     def start_tagging(self, name: str, tagger: str | None = None, options=None) -> Job:
         """Caption project `name` with a WD tagger (downloaded into the model cache once)."""
@@ -122,7 +175,7 @@ class Studio:
             model = load_tagger(tagger or self.default_tagger(), cache_dir=self.model_cache(), progress=progress)
             return tag_project(project, model, options, progress)
 
-        return self.jobs.start(f"tag {name}", name, work, kind="tag")
+        return self._start(f"tag {name}", project, work, kind="tag")
 
     def start_captioning(self, name: str, model: str | None = None, existing: str = "skip") -> Job:
         """Caption project `name` in sentences with BLIP (for photos)."""
@@ -135,7 +188,28 @@ class Studio:
             captioner = load_blip(model, cache_dir=self.model_cache(), progress=progress)
             return caption_project(project, captioner, existing=existing, progress=progress)
 
-        return self.jobs.start(f"caption {name}", name, work, kind="caption")
+        return self._start(f"caption {name}", project, work, kind="caption")
+
+    # ---- training ----
+
+    def training_settings(self, name: str) -> TrainSettings:
+        return train_settings.load(self.project(name))
+
+    def save_training_settings(self, name: str, settings: TrainSettings) -> TrainSettings:
+        """Check `settings` against the loaded model and keep them with the project."""
+        settings.validate(self.model_kind())
+        train_settings.save(self.project(name), settings)
+        return settings
+
+    def training_plan(self, name: str | None, settings: TrainSettings | None = None):
+        """The step arithmetic and VRAM estimate of training project `name` (None: only the estimate)
+        with `settings` (its saved ones by default) on the host's model: `training.plan.TrainingPlan`."""
+        from .training.plan import training_plan
+
+        project = self.project(name) if name else None
+        if settings is None:
+            settings = train_settings.load(project) if project else TrainSettings()
+        return training_plan(project, settings, self.model_kind(), self.gpu_memory())
 
     def start_training(self, name: str, settings: TrainSettings | None = None, resume: bool = False,
                        grid: bool = False) -> Job:
@@ -148,7 +222,7 @@ class Studio:
         lora_dir = self.lora_dir(name)
 
         def work(control, on_status):
-            with self.open_host() as host:
+            with self.open_host(settings) as host:
                 try:
                     result = train(project, host, settings, lora_dir, resume=resume, control=control,
                                    on_status=on_status, progress=JobProgress(control, on_status))
@@ -160,7 +234,7 @@ class Studio:
                 self._render_grid(project, self.grid_plan(name), control, on_status)
             return result
 
-        return self.jobs.start(f"train {name}", name, work, kind="train")
+        return self._start(f"train {name}", project, work, kind="train")
 
     # ---- grids ----
 
@@ -183,8 +257,21 @@ class Studio:
         with the default tagger when it can be loaded."""
         project = self.project(name)
         plan = plan or self.grid_plan(name)
-        return self.jobs.start(f"grid {name}", name, lambda control, on_status: self._render_grid(
+        return self._start(f"grid {name}", project, lambda control, on_status: self._render_grid(
             project, plan, control, on_status), kind="grid")
+
+    def _start(self, title: str, project: Project, work, kind: str, gpu: bool = True) -> Job:
+        """Start `work` as the one job, holding `project`'s claim while it runs (Busy when a job of
+        another process holds it)."""
+        holder = project.claimed_by()
+        if holder:
+            raise Busy(busy_message(holder, project.name))
+
+        def claimed(control, on_status):
+            with project.claim(title):
+                return work(control, on_status)
+
+        return self.jobs.start(title, project.name, claimed, kind=kind, gpu=gpu)
 
     def _render_grid(self, project: Project, plan, control, on_status):
         from .dataset.tagger import load_tagger
@@ -216,7 +303,18 @@ class Studio:
         return sorted(p for p in found if p.stem == name or p.stem.startswith(f"{name}-"))
 
     def can_resume(self, name: str) -> bool:
-        """Whether project `name` has a stopped run to continue (`start_training(resume=True)`)."""
-        from .training.trainer import STATE_FILE, state_dir
+        """Whether project `name` has a stopped run to continue (`start_training(resume=True)`): its
+        state is saved and no job works on it now."""
+        from .training.state import has_state
 
-        return (state_dir(self.project(name)) / STATE_FILE).is_file()
+        project = self.project(name)
+        return has_state(project) and not self.jobs.busy() and project.claimed_by() is None
+
+    def use_epoch(self, name: str, epoch: int, weight: float) -> list[Path]:
+        """Epoch `epoch` of project `name` becomes NAME.safetensors, `weight` its card's preferred weight."""
+        from .grids.render import use_epoch
+
+        project = self.editable(name)
+        written = use_epoch(project, self.lora_dir(name), epoch, weight)
+        self.files_saved(written)
+        return written

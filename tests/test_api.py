@@ -49,7 +49,7 @@ def studio(tmp_path, checkpoint):
     return Studio(
         projects_root=lambda: tmp_path / "projects",
         model_cache=lambda: tmp_path / "cache",
-        open_host=lambda: contextlib.nullcontext(load_checkpoint(checkpoint)),
+        open_host=lambda settings=None: contextlib.nullcontext(load_checkpoint(checkpoint)),
         model_kind=lambda: "sd1",
         lora_dir=lambda name: tmp_path / "lora" / name,
     )

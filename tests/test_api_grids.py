@@ -16,8 +16,8 @@ from test_trainer import FAST
 from tiny_hosts import make_checkpoint
 from tiny_onnx import write_tagger
 
-from lora_trainer_ext.app import standalone_studio
 from lora_trainer_ext.grids.plan import RenderSettings
+from lora_trainer_ext.headless import standalone_studio
 from lora_trainer_ext.paths import OPT_DEFAULT_TAGGER
 from lora_trainer_ext.training import lora_file
 from lora_trainer_ext.training.settings import TrainSettings

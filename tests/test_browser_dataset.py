@@ -13,10 +13,10 @@ from booru_server import FakePost, no_booru_credentials, serve_booru  # noqa: F4
 from browser import create_project
 from PIL import Image
 
-from lora_trainer_ext.app import standalone_studio
 from lora_trainer_ext.dataset.captions import read_caption
 from lora_trainer_ext.dataset.history import History
 from lora_trainer_ext.dataset.images import IMAGE_EXTS
+from lora_trainer_ext.headless import standalone_studio
 
 KEY, USER = "secret-key", "4242"
 

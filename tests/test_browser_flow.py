@@ -16,7 +16,7 @@ from test_browser_dataset import BLUE, GREEN, RED, captions, fill_tag_form, name
 from test_browser_train import PLAN, fill, pick, steps_shown
 from tiny_hosts import make_checkpoint
 
-from lora_trainer_ext.app import standalone_studio
+from lora_trainer_ext.headless import standalone_studio
 from lora_trainer_ext.training.lora_file import read_lora
 
 pytestmark = pytest.mark.timeout(300)

@@ -7,7 +7,7 @@ import threading
 
 from browser import create_project
 
-from lora_trainer_ext.app import standalone_studio
+from lora_trainer_ext.headless import standalone_studio
 from lora_trainer_ext.progress import Status
 from lora_trainer_ext.training.trainer import Result
 

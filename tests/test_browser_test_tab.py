@@ -15,11 +15,11 @@ from test_trainer import FAST
 from tiny_hosts import make_checkpoint
 from tiny_onnx import write_tagger
 
-from lora_trainer_ext.app import standalone_studio
 from lora_trainer_ext.grids.image import read_grid
 from lora_trainer_ext.grids.plan import RenderSettings, make_plan
 from lora_trainer_ext.grids.render import list_grids, load_grid, render_grid
 from lora_trainer_ext.grids.renderer import Rendered
+from lora_trainer_ext.headless import standalone_studio
 from lora_trainer_ext.paths import OPT_DEFAULT_TAGGER
 from lora_trainer_ext.project import Project
 from lora_trainer_ext.tab.evaluate_view import PREVIEW_WIDTH, clicked_cell, grid_preview, layer_image, open_grid

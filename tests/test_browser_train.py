@@ -11,7 +11,7 @@ from conftest import add_image
 from test_trainer import FAST
 from tiny_hosts import make_checkpoint
 
-from lora_trainer_ext.app import standalone_studio
+from lora_trainer_ext.headless import standalone_studio
 
 pytestmark = pytest.mark.timeout(300)
 PLAN = "#lora_maker_train_plan_box"

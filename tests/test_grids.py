@@ -14,9 +14,8 @@ from PIL import Image
 from tiny_hosts import make_checkpoint
 from tiny_onnx import write_tagger
 
-from lora_trainer_ext.dataset.http import Stopped
 from lora_trainer_ext.dataset.tagger import load_tagger
-from lora_trainer_ext.errors import LoraMakerError
+from lora_trainer_ext.errors import LoraMakerError, Stopped
 from lora_trainer_ext.files import read_json
 from lora_trainer_ext.grids import image as grid_image
 from lora_trainer_ext.grids.plan import GridPlan, RenderSettings, make_plan, saved_epochs
@@ -253,7 +252,7 @@ def test_bench_grid_prints_a_consistent_table(capsys):
 
 
 def test_training_then_the_default_grid_in_one_job(tmp_path):
-    from lora_trainer_ext.app import standalone_studio
+    from lora_trainer_ext.headless import standalone_studio
     from lora_trainer_ext.paths import OPT_DEFAULT_TAGGER
 
     studio = standalone_studio(make_checkpoint(tmp_path / "model", SD1), root=tmp_path / "projects",

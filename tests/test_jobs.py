@@ -77,7 +77,7 @@ def test_failures_are_reported_not_raised(project, checkpoint, tmp_path):
 
 
 def test_library_progress_becomes_job_statuses_and_stop_ends_the_job_stopped(tmp_path):
-    from lora_trainer_ext.dataset.http import Stopped
+    from lora_trainer_ext.errors import Stopped
     from lora_trainer_ext.jobs import JobProgress
 
     guarded = []

@@ -10,7 +10,8 @@ import threading
 import pytest
 from booru_server import fast_http
 
-from lora_trainer_ext.dataset.http import Http, HttpError, Stopped, _retry_after
+from lora_trainer_ext.dataset.http import Http, HttpError, _retry_after
+from lora_trainer_ext.errors import Stopped
 
 
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "http://127.0.0.1:notaport/x", "127.0.0.1/no-scheme"])

@@ -8,8 +8,9 @@ import pytest
 from lora_trainer_ext.errors import LoraMakerError
 from lora_trainer_ext.hosts.host import SD1, SD2, SDXL
 from lora_trainer_ext.training import presets, vram
+from lora_trainer_ext.training.plan import GUIDE_STEPS, step_arithmetic
 from lora_trainer_ext.training.presets import PURPOSES, VRAM_TIERS, apply_preset, apply_preset_with_notes
-from lora_trainer_ext.training.settings import GUIDE_STEPS, TrainSettings, optimizer_available, step_arithmetic
+from lora_trainer_ext.training.settings import TrainSettings, optimizer_available
 
 KINDS = (SD1, SD2, SDXL)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_trainer_ext import paths
+from lora_trainer_ext import migrations, paths
 from lora_trainer_ext.errors import LoraMakerError
 from lora_trainer_ext.project import Project, list_projects, validate_name
 
@@ -31,7 +31,8 @@ def test_layout_and_listing(tmp_path):
     assert list_projects(tmp_path) == ["new"]
     project.update_settings(dataset={"keep_tokens": 1})
     project.update_settings(dataset={"activation_tags": ["x"]}, train={"epochs": 10})
-    assert project.settings() == {"dataset": {"keep_tokens": 1, "activation_tags": ["x"]}, "train": {"epochs": 10}}
+    assert project.settings() == {"version": migrations.VERSION, "dataset": {"keep_tokens": 1, "activation_tags": ["x"]},
+                                  "train": {"epochs": 10}}
 
 
 def test_default_folders(monkeypatch, tmp_path):

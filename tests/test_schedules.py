@@ -39,7 +39,7 @@ def test_cosine_after_warmup_halves_at_midpoint_and_ends_at_zero():
 
 
 def test_cosine_with_restarts_jumps_back_at_each_cycle():
-    f = lr_lambda("cosine_with_restarts", 300, warmup_steps=0, restarts=3)
+    f = lr_lambda("cosine_with_restarts", 300, warmup_steps=0, cycles=3)
     assert f(0) == pytest.approx(1.0)
     assert f(50) == pytest.approx(0.5)
     assert f(99) < 0.01  # end of the first cycle ...
@@ -51,7 +51,7 @@ def test_cosine_with_restarts_jumps_back_at_each_cycle():
 
 
 def test_cosine_with_restarts_with_warmup_counts_cycles_after_it():
-    f = lr_lambda("cosine_with_restarts", 130, warmup_steps=10, restarts=3)
+    f = lr_lambda("cosine_with_restarts", 130, warmup_steps=10, cycles=3)
     assert f(5) == pytest.approx(0.5)
     assert f(10) == pytest.approx(1.0)
     assert f(50) == pytest.approx(1.0)  # 10 + 120/3: second cycle starts
@@ -59,7 +59,7 @@ def test_cosine_with_restarts_with_warmup_counts_cycles_after_it():
 
 
 def test_one_restart_is_plain_cosine():
-    a = lr_lambda("cosine_with_restarts", 200, 20, restarts=1)
+    a = lr_lambda("cosine_with_restarts", 200, 20, cycles=1)
     b = lr_lambda("cosine", 200, 20)
     assert all(a(s) == pytest.approx(b(s)) for s in range(0, 200, 7))
 
@@ -80,9 +80,9 @@ def _optimizer():
 @pytest.mark.parametrize("name", SCHEDULERS)
 def test_scheduler_drives_every_group_and_resumes(name):
     total, warmup = 40, 4
-    f = lr_lambda(name, total, warmup, restarts=3)
+    f = lr_lambda(name, total, warmup, cycles=3)
     opt = _optimizer()
-    sched = make_scheduler(opt, name, total, warmup, restarts=3)
+    sched = make_scheduler(opt, name, total, warmup, cycles=3)
     seen = []
     for step in range(25):
         seen.append([g["lr"] for g in opt.param_groups])
@@ -91,7 +91,7 @@ def test_scheduler_drives_every_group_and_resumes(name):
         sched.step()
     # A fresh optimizer and scheduler, loaded from the saved states, carry on where they stopped.
     opt2 = _optimizer()
-    sched2 = make_scheduler(opt2, name, total, warmup, restarts=3)
+    sched2 = make_scheduler(opt2, name, total, warmup, cycles=3)
     opt2.load_state_dict(opt.state_dict())
     sched2.load_state_dict(sched.state_dict())
     for step in range(25, total):

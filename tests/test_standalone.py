@@ -15,8 +15,9 @@ from tiny_hosts import checkpoints_of_every_kind, hf_to_openclip, make_checkpoin
 
 from lora_trainer_ext.errors import LoraMakerError
 from lora_trainer_ext.hosts.host import SD1, SD2, SDXL, SizeInfo
+from lora_trainer_ext.hosts.models import openclip_to_hf
 from lora_trainer_ext.hosts.prompt import CHUNK_LENGTH, split_chunks, unescape
-from lora_trainer_ext.hosts.standalone import guess_v_prediction, load_checkpoint, openclip_to_hf
+from lora_trainer_ext.hosts.standalone import guess_v_prediction, load_checkpoint
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -73,7 +74,7 @@ def test_swapped_in_modules_keep_ldm_class_names(hosts):
     for host in hosts.values():
         for module in [host.unet, host.vae]:
             for m in module.modules():
-                ours = [c for c in type(m).__mro__ if c.__module__ == "lora_trainer_ext.hosts.standalone"]
+                ours = [c for c in type(m).__mro__ if c.__module__ == "lora_trainer_ext.hosts.models"]
                 assert not ours or type(m).__name__ == type(m).__mro__[1].__name__, type(m)
         names = [type(m).__name__ for m in host.unet.modules()]
         assert names.count("SpatialTransformer") == (11 if host.kind == SDXL else 16)  # in, out, middle
@@ -82,7 +83,8 @@ def test_swapped_in_modules_keep_ldm_class_names(hosts):
 def test_standard_configs_build_the_real_architectures():
     """Without a yaml the standard configs are used: built on the meta device they have exactly the
     parameter counts of SD 1.5 / SD 2.x / SDXL base (the sgm parts of SDXL assembled from ldm's)."""
-    from lora_trainer_ext.hosts.standalone import STANDARD_CONFIGS, build_unet, build_vae
+    from lora_trainer_ext.hosts.checkpoint import STANDARD_CONFIGS
+    from lora_trainer_ext.hosts.models import build_unet, build_vae
 
     counts = {SD1: 859_520_964, SD2: 865_910_724, SDXL: 2_567_463_684}
     for kind, count in counts.items():

@@ -39,7 +39,7 @@ def test_the_panel_shows_a_training_jobs_numbers_and_escapes_text():
 
 
 def test_saved_loras_list_epochs_in_order_then_the_final_file(tmp_path):
-    from lora_trainer_ext.app import standalone_studio
+    from lora_trainer_ext.headless import standalone_studio
 
     studio = standalone_studio(root=tmp_path / "projects", lora_dir=tmp_path / "lora")
     folder = studio.lora_dir("mine")
@@ -55,7 +55,7 @@ def test_saved_loras_list_epochs_in_order_then_the_final_file(tmp_path):
 
 
 def test_a_reloaded_page_shows_the_running_jobs_project(tmp_path):
-    from lora_trainer_ext.app import standalone_studio
+    from lora_trainer_ext.headless import standalone_studio
 
     studio = standalone_studio(root=tmp_path)
     assert projects.initial_project(studio) is None

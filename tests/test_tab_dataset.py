@@ -11,12 +11,12 @@ import pytest
 from conftest import add_image
 from PIL import Image
 
-from lora_trainer_ext.app import standalone_studio
 from lora_trainer_ext.dataset import captioner, dedupe, tagger
 from lora_trainer_ext.dataset.curate import Edits, Filter, load_captions, set_caption
 from lora_trainer_ext.dataset.history import History
 from lora_trainer_ext.dataset.trash import TrashEntry
 from lora_trainer_ext.errors import LoraMakerError
+from lora_trainer_ext.headless import standalone_studio
 from lora_trainer_ext.tab import build_tab
 from lora_trainer_ext.tab import dataset_views as views
 from lora_trainer_ext.tab.context import unavailable
@@ -128,9 +128,9 @@ def test_trash_and_history_are_escaped_and_newest_first(project):
 
 def test_undo_message(project):
     add_image(project, "a.png", "one")
-    assert views.undo_message(project) == "Nothing to undo."
+    assert views.undo_message(History(project).undo()) == "Nothing to undo."
     set_caption(project, "a.png", "two")
-    assert views.undo_message(project) == "Undid #1 'edit caption of a.png' (1 file restored)."
+    assert views.undo_message(History(project).undo()) == "Undid #1 'edit caption of a.png' (1 file restored)."
     assert (project.dataset_dir / "a.txt").read_text() == "one"
 
 
@@ -180,7 +180,7 @@ def test_a_missing_package_disables_only_its_feature(tmp_path, monkeypatch):
 def test_without_lycoris_training_is_disabled_with_the_fix_and_the_rest_works(monkeypatch, tmp_path):
     import importlib.util
 
-    from lora_trainer_ext.app import standalone_studio
+    from lora_trainer_ext.headless import standalone_studio
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lycoris" else find_spec(name, *a))

@@ -9,8 +9,7 @@ import torch
 from conftest import add_image, image_bytes
 from PIL import Image
 
-from lora_trainer_ext.dataset.http import Stopped
-from lora_trainer_ext.errors import LoraMakerError
+from lora_trainer_ext.errors import LoraMakerError, Stopped
 from lora_trainer_ext.hosts.host import SD1, SizeInfo
 from lora_trainer_ext.progress import Progress
 from lora_trainer_ext.training.data import (

@@ -8,19 +8,19 @@ import pytest
 from lora_trainer_ext.errors import LoraMakerError
 from lora_trainer_ext.hosts.host import SD1, SD2, SDXL
 from lora_trainer_ext.training import settings as train_settings
+from lora_trainer_ext.training.plan import step_arithmetic
 from lora_trainer_ext.training.settings import (
     OPTIMIZER_PACKAGES,
     TrainSettings,
     optimizer_available,
     parse_set,
-    step_arithmetic,
 )
 
 
 def test_defaults_are_the_guides():
     s = TrainSettings()
     assert (s.unet_lr, s.text_encoder_lr) == (5e-4, 1e-4)
-    assert (s.lr_scheduler, s.lr_restarts, s.warmup_ratio) == ("cosine_with_restarts", 3, 0.05)
+    assert (s.lr_scheduler, s.lr_cycles, s.warmup_ratio) == ("cosine_with_restarts", 3, 0.05)
     assert (s.network, s.dim, s.alpha, s.conv_dim, s.conv_alpha) == ("lora", 16, 8, 8, 4)
     assert (s.repeats, s.epochs, s.batch_size, s.save_every_n_epochs, s.keep_last_n_epochs) == (10, 10, 2, 1, 10)
     assert (s.buckets, s.bucket_step, s.min_bucket, s.shuffle_tags, s.max_grad_norm) == (True, 64, 256, True, 1.0)

@@ -19,7 +19,8 @@ from lora_trainer_ext.training import lora_file, objective
 from lora_trainer_ext.training.model_mode import parameter_fingerprint
 from lora_trainer_ext.training.network import Network, NetworkConfig
 from lora_trainer_ext.training.settings import TrainSettings
-from lora_trainer_ext.training.trainer import state_dir, train
+from lora_trainer_ext.training.state import state_dir
+from lora_trainer_ext.training.trainer import train
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from lora_trainer_ext.errors import LoraMakerError
+from lora_trainer_ext.hosts.checkpoint import STANDARD_CONFIGS
 from lora_trainer_ext.hosts.host import SD1, SD2, SDXL
-from lora_trainer_ext.hosts.standalone import STANDARD_CONFIGS, build_unet, build_vae
+from lora_trainer_ext.hosts.models import build_unet, build_vae
 from lora_trainer_ext.training import vram
 from lora_trainer_ext.training.network import TEXT_ENCODER_TARGETS, UNET_TARGETS, NetworkConfig, _Part
 from lora_trainer_ext.training.settings import TrainSettings

@@ -13,7 +13,7 @@ from typing import Callable
 import requests
 
 from .. import __version__
-from ..errors import LoraMakerError
+from ..errors import LoraMakerError, Stopped
 
 USER_AGENT = f"LoRA-Maker/{__version__} (AUTOMATIC1111 WebUI extension; dataset builder)"
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524}
@@ -27,10 +27,6 @@ class HttpError(LoraMakerError):
         super().__init__(message)
         self.status = status
         self.body = body
-
-
-class Stopped(LoraMakerError):
-    """The user asked to stop."""
 
 
 def _retry_after(response: requests.Response) -> float | None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import files
-from ..errors import LoraMakerError
+from ..errors import LoraMakerError, Stopped
 from ..progress import Progress
 from ..project import Project
 from . import images
@@ -27,7 +27,7 @@ from .boorus import Booru, Post, normalise_query
 from .captions import META_TAGS, format_tag, join_tags
 from .curate import activation_tags, dedupe, with_activation
 from .history import History
-from .http import Http, HttpError, Stopped
+from .http import Http, HttpError
 from .trash import trashed_originals
 
 SOURCES_FILE = "sources.jsonl"

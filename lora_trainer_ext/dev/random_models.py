@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 from ..errors import LoraMakerError
+from ..hosts.checkpoint import STANDARD_CONFIGS, TEXT_PREFIXES
 from ..hosts.host import SD1, SD2, SDXL
-from ..hosts.standalone import STANDARD_CONFIGS, TEXT_PREFIXES, build_unet, build_vae
+from ..hosts.models import build_unet, build_vae
 
 # Words the tokenizer spells whole (anything else still tokenizes, letter by letter).
 WORDS = ("a photo of 1girl solo long short red blue black hair eyes smile looking at viewer cat dog "

@@ -25,8 +25,7 @@ from PIL.PngImagePlugin import PngInfo
 from .. import files
 from ..dataset.captions import split_tags, tag_key
 from ..dataset.curate import activation_tags, load_captions
-from ..dataset.http import Stopped
-from ..errors import LoraMakerError
+from ..errors import LoraMakerError, Stopped
 from ..hosts.host import SD1, SD2, SDXL
 from ..progress import Progress
 from ..project import Project
@@ -165,8 +164,19 @@ def render_grid(project: Project, plan: GridPlan, renderer: Renderer, *, tagger=
 
     start = time.perf_counter()
     result.recommendation = recommendation(plan, scores)
+    data = _grid_json(project, plan, cells, entries, grids, scores, result)
+    files.write_json(folder / GRID_FILE, data)
+    timings["write"] += time.perf_counter() - start
+    result.files.append(folder / GRID_FILE)
+    result.timings = timings
+    return result
+
+
+def _grid_json(project: Project, plan: GridPlan, cells: list, entries: dict, grids: list, scores: list,
+               result: GridResult) -> dict:
+    """What grid.json holds: the plan, every cell with its file, infotext and score, the recommendation."""
     by_cell = {(s.layer, s.row, s.col): s.to_dict() for s in scores}
-    data = {
+    return {
         "version": FORMAT_VERSION,
         "project": project.name,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -186,11 +196,6 @@ def render_grid(project: Project, plan: GridPlan, renderer: Renderer, *, tagger=
         ],
         "recommendation": result.recommendation,
     }
-    files.write_json(folder / GRID_FILE, data)
-    timings["write"] += time.perf_counter() - start
-    result.files.append(folder / GRID_FILE)
-    result.timings = timings
-    return result
 
 
 def assemble_layer(renderer: Renderer, plan: GridPlan, layer: int,

@@ -3,7 +3,7 @@
 A renderer turns a `grid_plan.Cell` into a picture plus its infotext: the WebUI's generation-parameters
 text that its PNG Info tab and "send to txt2img" parse (`infotext_utils.parse_generation_parameters`).
 The WebUI renderer (lora_trainer_ext/webui/) gets that text from the WebUI itself; the standalone
-renderer (standalone_render.py) writes it with `format_infotext`, in the WebUI's own layout, so a
+renderer (hosts/standalone_render.py) writes it with `format_infotext`, in the WebUI's own layout, so a
 headless grid's cell can be pasted into txt2img all the same.
 """
 
@@ -37,7 +37,7 @@ class Renderer(Protocol):
 class GridAssembler(Protocol):
     """Optional beside `Renderer`: a renderer that has `assemble_grid` lays out the grid images itself,
     with its host's own helpers (the WebUI's `images.image_grid` and `draw_grid_annotations`); without
-    it grids.py uses grid_image.py."""
+    it render.py uses image.py."""
 
     def assemble_grid(self, plan: GridPlan, layer: int,
                       image_of: Callable[[Cell], Image.Image | None]) -> tuple[Image.Image, dict]:

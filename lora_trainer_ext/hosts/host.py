@@ -1,5 +1,5 @@
 """What training needs from the program that holds the model: the WebUI's loaded model
-(`webui/host.py`, later) or a checkpoint loaded headless (`standalone.py`). The trainer talks only to
+(`webui/host.py`) or a checkpoint loaded headless (`standalone.py`). The trainer talks only to
 this interface, so the same loop runs in the WebUI, in the CLI and in the tests.
 
 Conventions: images are float tensors in [-1, 1], NCHW; latents are already multiplied by the VAE's
@@ -49,3 +49,14 @@ class Host(Protocol):
 
     def apply_model(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Any) -> torch.Tensor:
         """The UNet's prediction (eps or v, per `parameterization`) for noisy `latents`."""
+
+
+def gpu_memory(device=None) -> tuple[float, float] | None:
+    """(free, total) GiB of the CUDA `device` (default: the current one), None when training would not
+    run on a CUDA GPU. The one place LoRA Maker asks: the plan, the presets and the trainer's messages."""
+    import torch
+
+    if (device is not None and torch.device(device).type != "cuda") or not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return free / 2**30, total / 2**30

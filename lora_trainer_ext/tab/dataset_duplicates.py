@@ -27,24 +27,20 @@ def build(ctx: TabContext, edited) -> None:
         gr.Markdown(f"Unavailable: {missing}", elem_classes="lora-maker-error", elem_id="lora_maker_dataset_dupes_missing")
     groups_view = gr.HTML(elem_id="lora_maker_dataset_dupes")
 
-    def groups_of(project, bits):
-        return dedupe.find_groups(dedupe.scan(project), int(bits))
-
     @shows_errors
     def find_groups(name, bits):
         project = ctx.open(name)
-        groups = groups_of(project, bits)
+        groups, _ = ctx.studio.find_duplicates(project.name, int(bits))
         dupes = sum(len(g.duplicates) for g in groups)
         return views.duplicates_html(project, groups), gr.Button.update(
             value=f"{TRASH_LABEL} ({dupes})" if dupes else TRASH_LABEL, interactive=bool(dupes))
 
     @shows_errors
     def trash_groups(name, bits):
-        project = ctx.open(name)
-        groups = groups_of(project, bits)  # regrouped now: the dataset may have changed since Find
+        groups, _ = ctx.studio.find_duplicates(name, int(bits))  # regrouped now: the dataset may have changed
         if not groups:
             raise LoraMakerError("no duplicates left at this threshold")
-        moved = dedupe.trash_duplicates(project, groups)
+        moved = ctx.studio.trash_duplicates(name, groups)
         note = f"<p>Moved {views.counted(moved, 'duplicate')} to the trash (Review > Trash restores them).</p>"
         return note, gr.Button.update(value=TRASH_LABEL, interactive=False)
 

@@ -18,7 +18,6 @@ from PIL import Image
 from .. import files
 from ..dataset.captions import read_caption, split_tags
 from ..dataset.curate import Edits, Filter, parse_replace, tag_frequency
-from ..dataset.history import History
 from ..dataset.images import ImageRejected, decode_small, flatten
 from ..errors import LoraMakerError
 from ..project import Project
@@ -234,9 +233,8 @@ def edited_elsewhere(stamp: str | None, part: str) -> bool:
     return bool(stamp) and not stamp.startswith(f"{part}:")
 
 
-def undo_message(project: Project) -> str:
-    """Undo the project's latest caption edit; says what was undone."""
-    edit = History(project).undo()
+def undo_message(edit) -> str:
+    """What an undo (`Studio.undo_edit`'s `history.Edit`, or None) did."""
     if edit is None:
         return "Nothing to undo."
     return f"Undid #{edit.number} '{edit.description}' ({counted(len(edit.changes), 'file')} restored)."

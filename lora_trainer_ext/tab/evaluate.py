@@ -10,6 +10,8 @@ that rendered its grid) shows the newest grid. The grid picker and the layer rad
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import gradio as gr
 
 from ..errors import LoraMakerError
@@ -22,7 +24,6 @@ from ..grids.plan import (
     parse_weights,
     saved_epochs,
 )
-from ..grids.render import use_epoch
 from .context import TabContext, shows_errors
 from .evaluate_view import (
     SCORE_HEADERS,
@@ -70,101 +71,122 @@ def extra_prompts(text: str, first: int) -> list[tuple[str, str]]:
 
 
 def build(ctx: TabContext, tab) -> None:
-    studio = ctx.studio
-    defaults = (studio.render_defaults() if studio.render_defaults else None) or RenderSettings()
+    defaults = (ctx.studio.render_defaults() if ctx.studio.render_defaults else None) or RenderSettings()
+    ui = SimpleNamespace()
+    _settings_layout(ui, defaults)
+    _results_layout(ui, ctx.studio)
+    view = _View(ctx)
+    _wire_browsing(ctx, tab, ui, view)
+    _wire_cells(ctx, ui, view)
+    _wire_rendering(ctx, ui, defaults)
 
+
+def _settings_layout(ui, defaults: RenderSettings) -> None:
     with gr.Accordion("Grid settings", open=True, elem_id="lora_maker_test_settings"):
         with gr.Row():
-            mode = gr.Radio(list(EPOCH_MODES), value="all", label="Epochs", elem_id="lora_maker_test_epoch_mode",
-                            scale=2)
-            every = gr.Number(2, precision=0, minimum=1, label="Every k-th epoch (the last is always in)",
-                              visible=False, elem_id="lora_maker_test_every", scale=1)
-            chosen = gr.CheckboxGroup([], label="Epochs to compare", visible=False, elem_id="lora_maker_test_chosen",
-                                      scale=2)
-            weights = gr.Textbox(", ".join(format_weight(w) for w in DEFAULT_WEIGHTS), lines=1,
-                                 label="Weights (0 = the no-LoRA baseline column)", elem_id="lora_maker_test_weights",
-                                 scale=2)
-        saved = gr.HTML(elem_id="lora_maker_test_saved")
+            ui.mode = gr.Radio(list(EPOCH_MODES), value="all", label="Epochs", elem_id="lora_maker_test_epoch_mode",
+                               scale=2)
+            ui.every = gr.Number(2, precision=0, minimum=1, label="Every k-th epoch (the last is always in)",
+                                 visible=False, elem_id="lora_maker_test_every", scale=1)
+            ui.chosen = gr.CheckboxGroup([], label="Epochs to compare", visible=False,
+                                         elem_id="lora_maker_test_chosen", scale=2)
+            ui.weights = gr.Textbox(", ".join(format_weight(w) for w in DEFAULT_WEIGHTS), lines=1,
+                                    label="Weights (0 = the no-LoRA baseline column)",
+                                    elem_id="lora_maker_test_weights", scale=2)
+        ui.saved = gr.HTML(elem_id="lora_maker_test_saved")
         with gr.Row():
-            main = gr.Textbox(lines=2, label="Main prompt (activation tag + the dataset's frequent tags)",
-                              elem_id="lora_maker_test_main")
-            flexibility = gr.Textbox(lines=2, label="Flexibility prompt (asks for what the dataset lacks)",
-                                     elem_id="lora_maker_test_flexibility")
+            ui.main = gr.Textbox(lines=2, label="Main prompt (activation tag + the dataset's frequent tags)",
+                                 elem_id="lora_maker_test_main")
+            ui.flexibility = gr.Textbox(lines=2, label="Flexibility prompt (asks for what the dataset lacks)",
+                                        elem_id="lora_maker_test_flexibility")
         with gr.Row():
-            extra = gr.Textbox(lines=2, label="More prompts, one per line (one grid each)",
-                               elem_id="lora_maker_test_extra")
-            seeds = gr.Textbox(str(defaults.seed), lines=1, label="Seeds (several: one grid per prompt and seed)",
-                               elem_id="lora_maker_test_seeds")
-        negative = gr.Textbox(defaults.negative, lines=1, label="Negative prompt", elem_id="lora_maker_test_negative")
+            ui.extra = gr.Textbox(lines=2, label="More prompts, one per line (one grid each)",
+                                  elem_id="lora_maker_test_extra")
+            ui.seeds = gr.Textbox(str(defaults.seed), lines=1, label="Seeds (several: one grid per prompt and seed)",
+                                  elem_id="lora_maker_test_seeds")
+        ui.negative = gr.Textbox(defaults.negative, lines=1, label="Negative prompt", elem_id="lora_maker_test_negative")
         with gr.Row():
-            sampler = gr.Dropdown(_with(SAMPLERS, defaults.sampler), value=defaults.sampler, label="Sampler",
-                                  allow_custom_value=True, elem_id="lora_maker_test_sampler")
-            scheduler = gr.Dropdown(_with(SCHEDULERS, defaults.scheduler), value=defaults.scheduler,
-                                    label="Schedule type", allow_custom_value=True, elem_id="lora_maker_test_scheduler")
-            steps = gr.Number(defaults.steps, precision=0, label="Steps", elem_id="lora_maker_test_steps", min_width=80)
-            cfg = gr.Number(defaults.cfg_scale, label="CFG scale", elem_id="lora_maker_test_cfg", min_width=80)
-            width = gr.Number(defaults.width, precision=0, label="Width", elem_id="lora_maker_test_width", min_width=80)
-            height = gr.Number(defaults.height, precision=0, label="Height", elem_id="lora_maker_test_height",
-                               min_width=80)
+            ui.sampler = gr.Dropdown(_with(SAMPLERS, defaults.sampler), value=defaults.sampler, label="Sampler",
+                                     allow_custom_value=True, elem_id="lora_maker_test_sampler")
+            ui.scheduler = gr.Dropdown(_with(SCHEDULERS, defaults.scheduler), value=defaults.scheduler,
+                                       label="Schedule type", allow_custom_value=True,
+                                       elem_id="lora_maker_test_scheduler")
+            ui.steps = gr.Number(defaults.steps, precision=0, label="Steps", elem_id="lora_maker_test_steps",
+                                 min_width=80)
+            ui.cfg = gr.Number(defaults.cfg_scale, label="CFG scale", elem_id="lora_maker_test_cfg", min_width=80)
+            ui.width = gr.Number(defaults.width, precision=0, label="Width", elem_id="lora_maker_test_width",
+                                 min_width=80)
+            ui.height = gr.Number(defaults.height, precision=0, label="Height", elem_id="lora_maker_test_height",
+                                  min_width=80)
         with gr.Row(elem_id="lora_maker_test_render_row"):
-            start = gr.Button("Render grid", variant="primary", elem_id="lora_maker_test_render", scale=0,
-                              min_width=160)
-            reset_prompts = gr.Button("Default prompts", size="sm", elem_id="lora_maker_test_default_prompts", scale=0,
-                                      min_width=140)
-            message = gr.HTML(elem_id="lora_maker_test_message")
+            ui.start = gr.Button("Render grid", variant="primary", elem_id="lora_maker_test_render", scale=0,
+                                 min_width=160)
+            ui.reset_prompts = gr.Button("Default prompts", size="sm", elem_id="lora_maker_test_default_prompts",
+                                         scale=0, min_width=140)
+            ui.message = gr.HTML(elem_id="lora_maker_test_message")
 
+
+def _results_layout(ui, studio) -> None:
     with gr.Row(elem_id="lora_maker_test_picker_row"):
-        picker = gr.Dropdown([], label="Grid", elem_id="lora_maker_test_grid_pick", scale=3)
-        layer = gr.Radio([], label="Prompt / seed", visible=False, elem_id="lora_maker_test_layer", scale=2)
-        refresh = gr.Button("\U0001f504", elem_id="lora_maker_test_refresh", elem_classes="tool", scale=0,
-                            min_width=40)
-    note = gr.HTML(elem_id="lora_maker_test_note")
-    with gr.Column(visible=False, elem_id="lora_maker_test_results") as results:  # shown once there is a grid
+        ui.picker = gr.Dropdown([], label="Grid", elem_id="lora_maker_test_grid_pick", scale=3)
+        ui.layer = gr.Radio([], label="Prompt / seed", visible=False, elem_id="lora_maker_test_layer", scale=2)
+        ui.refresh = gr.Button("\U0001f504", elem_id="lora_maker_test_refresh", elem_classes="tool", scale=0,
+                               min_width=40)
+    ui.note = gr.HTML(elem_id="lora_maker_test_note")
+    with gr.Column(visible=False, elem_id="lora_maker_test_results") as ui.results:  # shown once there is a grid
         with gr.Row(elem_id="lora_maker_test_advice_row"):
-            advice = gr.HTML(elem_id="lora_maker_test_recommendation")
-            pick_best = gr.Button("Show the recommended cell", visible=False, size="sm", scale=0, min_width=240,
-                                  elem_id="lora_maker_test_pick_recommended")
+            ui.advice = gr.HTML(elem_id="lora_maker_test_recommendation")
+            ui.pick_best = gr.Button("Show the recommended cell", visible=False, size="sm", scale=0, min_width=240,
+                                     elem_id="lora_maker_test_pick_recommended")
         with gr.Row(equal_height=False, elem_id="lora_maker_test_view"):
             with gr.Column(scale=3, elem_id="lora_maker_test_grid_column"):
-                grid = gr.Image(type="filepath", interactive=False, show_label=False, elem_id="lora_maker_test_grid")
+                ui.grid = gr.Image(type="filepath", interactive=False, show_label=False, elem_id="lora_maker_test_grid")
             with gr.Column(scale=2, min_width=320, elem_id="lora_maker_test_cell_column"):
-                cell = gr.Image(type="filepath", interactive=False, label="Clicked cell", height=280,
-                                elem_id="lora_maker_test_cell")
-                info = gr.HTML(elem_id="lora_maker_test_cell_info")
-                infotext = gr.Textbox(lines=4, max_lines=8, interactive=False, label="Generation parameters",
-                                      elem_id="lora_maker_test_infotext")
-                with gr.Row():
-                    if studio.paste_to_txt2img is not None:
-                        send = gr.Button("Send to txt2img", elem_id="lora_maker_test_send", min_width=120)
-                        studio.paste_to_txt2img(send, infotext)
-                    copy = gr.Button("Copy parameters", elem_id="lora_maker_test_copy", min_width=120)
-                    use = gr.Button("Use this epoch", variant="primary", elem_id="lora_maker_test_use", min_width=120)
-                used = gr.HTML(elem_id="lora_maker_test_used")
-        table = gr.Dataframe(headers=SCORE_HEADERS, datatype=SCORE_TYPES, interactive=False, height=360,
-                             label="Scores of the cells with the LoRA, best first (click a header to sort)",
-                             elem_id="lora_maker_test_scores")
+                _cell_layout(ui, studio)
+        ui.table = gr.Dataframe(headers=SCORE_HEADERS, datatype=SCORE_TYPES, interactive=False, height=360,
+                                label="Scores of the cells with the LoRA, best first (click a header to sort)",
+                                elem_id="lora_maker_test_scores")
     with gr.Accordion("Saved LoRA files", open=False, elem_id="lora_maker_test_files_box"):
-        files = gr.HTML(elem_id="lora_maker_test_files")
-    picked = gr.State(None)  # the clicked cell: {epoch, weight}
+        ui.files = gr.HTML(elem_id="lora_maker_test_files")
+    ui.picked = gr.State(None)  # the clicked cell: {epoch, weight}
 
-    # ---- what the view shows ----
 
-    def epochs_view(name, checked=()):
+def _cell_layout(ui, studio) -> None:
+    ui.cell = gr.Image(type="filepath", interactive=False, label="Clicked cell", height=280,
+                       elem_id="lora_maker_test_cell")
+    ui.info = gr.HTML(elem_id="lora_maker_test_cell_info")
+    ui.infotext = gr.Textbox(lines=4, max_lines=8, interactive=False, label="Generation parameters",
+                             elem_id="lora_maker_test_infotext")
+    with gr.Row():
+        if studio.paste_to_txt2img is not None:
+            send = gr.Button("Send to txt2img", elem_id="lora_maker_test_send", min_width=120)
+            studio.paste_to_txt2img(send, ui.infotext)
+        ui.copy = gr.Button("Copy parameters", elem_id="lora_maker_test_copy", min_width=120)
+        ui.use = gr.Button("Use this epoch", variant="primary", elem_id="lora_maker_test_use", min_width=120)
+    ui.used = gr.HTML(elem_id="lora_maker_test_used")
+
+
+class _View:
+    """What the view shows, as the lists of updates the handlers return."""
+
+    NO_CELL = [None, "", "", None, ""]  # cell, info, infotext, picked, used
+
+    def __init__(self, ctx: TabContext):
+        self.ctx, self.studio = ctx, ctx.studio
+
+    def epochs(self, name, checked=()):
         """The saved epochs: the checkbox choices (the checked ones kept, else the last), the note, the
         files list."""
-        folder = studio.lora_dir(name)
+        folder = self.studio.lora_dir(name)
         numbers = [str(e.number) for e in saved_epochs(folder, name)]
         kept = [c for c in checked or () if c in numbers] or numbers[-1:]
         return (gr.CheckboxGroup.update(choices=numbers, value=kept), saved_html(numbers, folder),
-                files_html(studio.saved_loras(name), folder))
+                files_html(self.studio.saved_loras(name), folder))
 
-    no_cell = [None, "", "", None, ""]  # cell, info, infotext, picked, used
-
-    def grid_view(name, label=None, layer_label=None):
+    def grid(self, name, label=None, layer_label=None):
         """The grid picker, layer radio, image, note, table, recommendation, its button and the results
-        area: grid `label`
-        (one no longer listed: the newest) at layer `layer_label` (else the first)."""
-        project = ctx.open(name)
+        area: grid `label` (one no longer listed: the newest) at layer `layer_label` (else the first)."""
+        project = self.ctx.open(name)
         labels = grid_labels(project)
         if not labels:
             empty = '<p class="lora-maker-note">No grid yet: render one with the settings above.</p>'
@@ -185,20 +207,22 @@ def build(ctx: TabContext, tab) -> None:
                 recommendation_html(data), gr.Button.update(visible=recommended_cell(data) is not None),
                 gr.update(visible=True)]
 
-    def cell_view(data, found):
+    def cell(self, data, found):
         if found is None:
-            return no_cell
+            return self.NO_CELL
         return [str(cell_image(data, found)), cell_html(found), found.get("infotext") or "",
                 {"epoch": found["epoch"], "weight": found["weight"]}, ""]
 
-    # ---- handlers ----
+
+def _wire_browsing(ctx: TabContext, tab, ui, view: _View) -> None:
+    """The project, the job panel and the grid picker drive what is shown."""
 
     @shows_errors
     def open_project(name):
         if not name:
-            return [gr.update()] * 3 + ["", "", ""] + [gr.update()] * 8 + no_cell
+            return [gr.update()] * 3 + ["", "", ""] + [gr.update()] * 8 + view.NO_CELL
         main_prompt, flexible, _, _ = default_prompts(ctx.open(name))
-        return [*epochs_view(name), main_prompt, flexible, ""] + grid_view(name) + no_cell
+        return [*view.epochs(name), main_prompt, flexible, ""] + view.grid(name) + view.NO_CELL
 
     @shows_errors
     def fill_prompts(name, main_prompt):
@@ -214,16 +238,16 @@ def build(ctx: TabContext, tab) -> None:
         if not name:
             return [gr.update()] * 16
         if (event or "").endswith(":running"):
-            return [*epochs_view(name, checked)] + [gr.update()] * 13
-        return [*epochs_view(name, checked)] + grid_view(name) + no_cell  # a finished job: the newest grid
+            return [*view.epochs(name, checked)] + [gr.update()] * 13
+        return [*view.epochs(name, checked)] + view.grid(name) + view.NO_CELL  # a finished job: the newest grid
 
     @shows_errors
     def refreshed(name, checked, label, layer_label):
-        return [*epochs_view(ctx.open(name).name, checked)] + grid_view(name, label, layer_label)
+        return [*view.epochs(ctx.open(name).name, checked)] + view.grid(name, label, layer_label)
 
     @shows_errors
     def pick_grid(name, label):
-        return grid_view(name, label) + no_cell
+        return view.grid(name, label) + view.NO_CELL
 
     @shows_errors
     def pick_layer(name, label, layer_label):
@@ -232,11 +256,27 @@ def build(ctx: TabContext, tab) -> None:
         image = grid_preview(project, data, layer_index(data, layer_label))
         return str(image) if image else None
 
+    epochs_out = [ui.chosen, ui.saved, ui.files]
+    shown = [ui.picker, ui.layer, ui.grid, ui.note, ui.table, ui.advice, ui.pick_best, ui.results]
+    cell_out = [ui.cell, ui.info, ui.infotext, ui.picked, ui.used]
+    tab.select(fill_prompts, [ctx.project, ui.main], [ui.main, ui.flexibility], queue=False)
+    ctx.project.change(open_project, ctx.project, [*epochs_out, ui.main, ui.flexibility, ui.message, *shown,
+                                                   *cell_out], queue=False)
+    ctx.job_event.change(job_changed, [ctx.project, ctx.job_event, ui.chosen], [*epochs_out, *shown, *cell_out],
+                         queue=False)
+    ui.refresh.click(refreshed, [ctx.project, ui.chosen, ui.picker, ui.layer], [*epochs_out, *shown], queue=False)
+    ui.picker.input(pick_grid, [ctx.project, ui.picker], [*shown, *cell_out], queue=False)
+    ui.layer.input(pick_layer, [ctx.project, ui.picker, ui.layer], ui.grid, queue=False)
+
+
+def _wire_cells(ctx: TabContext, ui, view: _View) -> None:
+    """A clicked (or the recommended) cell, its parameters, and making its epoch the final LoRA."""
+
     @shows_errors
     def click_cell(name, label, layer_label, evt: gr.SelectData):
         data = open_grid(ctx.open(name), label)
         x, y = evt.index
-        return cell_view(data, clicked_cell(data, layer_index(data, layer_label), x, y))
+        return view.cell(data, clicked_cell(data, layer_index(data, layer_label), x, y))
 
     @shows_errors
     def show_recommended(name, label):
@@ -244,21 +284,28 @@ def build(ctx: TabContext, tab) -> None:
         found = recommended_cell(data)
         if found is None:
             raise LoraMakerError("this grid has no recommendation: render a grid with LoRA weights above 0")
-        return cell_view(data, found)
+        return view.cell(data, found)
 
     @shows_errors
     def use_picked(name, choice):
         project = ctx.open(name)
         if not choice:
             raise LoraMakerError("click a cell of the grid first, then Use this epoch")
-        job = studio.jobs.current()
-        if studio.jobs.busy() and job.project == project.name:
-            raise LoraMakerError(f"'{job.title}' is working on {project.name}: wait for it or stop it first")
-        written = use_epoch(project, studio.lora_dir(project.name), int(choice["epoch"]), float(choice["weight"]))
-        studio.files_saved(written)
-        done = (f'<p class="lora-maker-note">{project.name}.safetensors is now epoch {choice["epoch"]}, with '
+        ctx.studio.use_epoch(project.name, int(choice["epoch"]), float(choice["weight"]))
+        return (f'<p class="lora-maker-note">{project.name}.safetensors is now epoch {choice["epoch"]}, with '
                 f'preferred weight {format_weight(choice["weight"])} on its Lora card.</p>')
-        return done
+
+    cell_out = [ui.cell, ui.info, ui.infotext, ui.picked, ui.used]
+    ui.grid.select(click_cell, [ctx.project, ui.picker, ui.layer], cell_out, queue=False)
+    ui.pick_best.click(show_recommended, [ctx.project, ui.picker], cell_out, queue=False)
+    ui.use.click(use_picked, [ctx.project, ui.picked], ui.used, queue=False).success(
+        view.epochs, [ctx.project, ui.chosen], [ui.chosen, ui.saved, ui.files], queue=False)
+    ui.copy.click(None, ui.infotext, None, _js=_COPY_JS)
+
+
+def _wire_rendering(ctx: TabContext, ui, defaults: RenderSettings) -> None:
+    """The grid settings and Render grid."""
+    studio = ctx.studio
 
     @shows_errors
     def start_grid(name, mode_label, k, chosen_epochs, weights_text, main_prompt, flexible, more, seeds_text,
@@ -285,26 +332,10 @@ def build(ctx: TabContext, tab) -> None:
         main_prompt, flexible, _, _ = default_prompts(ctx.open(name))
         return main_prompt, flexible
 
-    # ---- wiring ----
-
-    epochs_out = [chosen, saved, files]
-    view = [picker, layer, grid, note, table, advice, pick_best, results]
-    cell_out = [cell, info, infotext, picked, used]
-    tab.select(fill_prompts, [ctx.project, main], [main, flexibility], queue=False)
-    ctx.project.change(open_project, ctx.project, [*epochs_out, main, flexibility, message, *view, *cell_out],
-                       queue=False)
-    ctx.job_event.change(job_changed, [ctx.project, ctx.job_event, chosen], [*epochs_out, *view, *cell_out],
-                         queue=False)
-    refresh.click(refreshed, [ctx.project, chosen, picker, layer], [*epochs_out, *view], queue=False)
-    picker.input(pick_grid, [ctx.project, picker], [*view, *cell_out], queue=False)
-    layer.input(pick_layer, [ctx.project, picker, layer], grid, queue=False)
-    grid.select(click_cell, [ctx.project, picker, layer], cell_out, queue=False)
-    pick_best.click(show_recommended, [ctx.project, picker], cell_out, queue=False)
-    use.click(use_picked, [ctx.project, picked], used, queue=False).success(
-        epochs_view, [ctx.project, chosen], epochs_out, queue=False)
-    copy.click(None, infotext, None, _js=_COPY_JS)
-    mode.change(lambda m: (gr.Number.update(visible=m == "every k-th"), gr.CheckboxGroup.update(visible=m == "chosen")),
-                mode, [every, chosen], queue=False)
-    reset_prompts.click(prompts_of, ctx.project, [main, flexibility], queue=False)
-    start.click(start_grid, [ctx.project, mode, every, chosen, weights, main, flexibility, extra, seeds, negative,
-                             sampler, scheduler, steps, cfg, width, height], message, queue=False)
+    ui.mode.change(lambda m: (gr.Number.update(visible=m == "every k-th"),
+                              gr.CheckboxGroup.update(visible=m == "chosen")), ui.mode, [ui.every, ui.chosen],
+                   queue=False)
+    ui.reset_prompts.click(prompts_of, ctx.project, [ui.main, ui.flexibility], queue=False)
+    ui.start.click(start_grid, [ctx.project, ui.mode, ui.every, ui.chosen, ui.weights, ui.main, ui.flexibility,
+                                ui.extra, ui.seeds, ui.negative, ui.sampler, ui.scheduler, ui.steps, ui.cfg, ui.width,
+                                ui.height], ui.message, queue=False)

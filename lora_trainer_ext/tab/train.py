@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import html
 import threading
+from types import SimpleNamespace
+
+import gradio as gr
 
 from ..errors import LoraMakerError
 from ..hosts.host import SD1
-from ..project import Project
 from ..training import presets
-from ..training import settings as train_settings
 from ..training.network import require_lycoris
 from ..training.settings import TrainSettings
 from .context import TabContext, shows_errors, unavailable
@@ -74,15 +75,6 @@ def preset_defaults(studio) -> tuple[str | None, str | None]:
     return purpose, (f"{tier} GB" if tier else None)
 
 
-def can_resume(studio, project: Project | None) -> bool:
-    """An interrupted run left its state behind, and no job is running now."""
-    from ..training.trainer import STATE_FILE, state_dir
-
-    job = studio.jobs.current()
-    busy = job is not None and job.state == "running"
-    return project is not None and not busy and (state_dir(project) / STATE_FILE).is_file()
-
-
 def _notes(lines: list[str], css: str = "lora-maker-note") -> str:
     if not lines:
         return ""
@@ -90,80 +82,107 @@ def _notes(lines: list[str], css: str = "lora-maker-note") -> str:
 
 
 def build(ctx: TabContext, tab) -> None:
-    import gradio as gr
+    ui = SimpleNamespace()
+    _preset_layout(ui, ctx.studio)
+    with gr.Row(equal_height=False, elem_id="lora_maker_train_main"):
+        _form_layout(ui)
+        _side_layout(ui)
+    form = _Form(ctx, ui)
+    _wire_form(ctx, tab, ui, form)
+    _wire_buttons(ctx, ui, form)
 
-    studio = ctx.studio
+
+def _preset_layout(ui, studio) -> None:
     purpose_default, tier_default = preset_defaults(studio)
     with gr.Row(elem_id="lora_maker_train_preset_row"):
-        purpose = gr.Dropdown(list(presets.PURPOSES), value=purpose_default, label="Preset: what the LoRA learns",
-                              elem_id="lora_maker_train_purpose", scale=2)
-        tier = gr.Dropdown(list(TIERS), value=tier_default, label="GPU memory", elem_id="lora_maker_train_tier",
-                           scale=1)
-        apply = gr.Button("Apply preset", elem_id="lora_maker_train_apply_preset", scale=0, min_width=140)
-    preset_note = gr.HTML(elem_id="lora_maker_train_preset_note")
+        ui.purpose = gr.Dropdown(list(presets.PURPOSES), value=purpose_default, label="Preset: what the LoRA learns",
+                                 elem_id="lora_maker_train_purpose", scale=2)
+        ui.tier = gr.Dropdown(list(TIERS), value=tier_default, label="GPU memory", elem_id="lora_maker_train_tier",
+                              scale=1)
+        ui.apply = gr.Button("Apply preset", elem_id="lora_maker_train_apply_preset", scale=0, min_width=140)
+    ui.preset_note = gr.HTML(elem_id="lora_maker_train_preset_note")
+
+
+def _form_layout(ui) -> None:
     inputs = {}
-    with gr.Row(equal_height=False, elem_id="lora_maker_train_main"):
-        with gr.Column(scale=3, elem_id="lora_maker_train_form"):
-            for group in GROUPS:
-                slug = group.title.lower().replace(" & ", "_").replace(" ", "_")
-                with gr.Accordion(group.title, open=True, elem_id=f"lora_maker_train_group_{slug}"):
-                    with gr.Row():
-                        inputs.update((spec.key, component(spec)) for spec in group.main)
-                    if group.more:
-                        with gr.Accordion("More", open=False, elem_id=f"lora_maker_train_more_{slug}"):
-                            for first in range(0, len(group.more), _PER_ROW):
-                                with gr.Row():
-                                    inputs.update((s.key, component(s)) for s in group.more[first:first + _PER_ROW])
-        # Buttons first: the live boxes below them change height as the user types, and must not
-        # move a button between the press and the release of a click.
-        with gr.Column(scale=2, min_width=320, elem_id="lora_maker_train_side"):
-            missing = unavailable(("lycoris",), require_lycoris)  # the form still works; training can't
-            if missing:
-                gr.HTML(f'<p class="lora-maker-error">{html.escape(missing)}</p>', elem_id="lora_maker_train_missing")
-            with gr.Row():
-                start = gr.Button("Start training", variant="primary", elem_id="lora_maker_train_start",
-                                  interactive=not missing)
-                resume = gr.Button("Resume", visible=False, elem_id="lora_maker_train_resume")
-            grid = gr.Checkbox(True, label="Render a test grid when training ends (see the Test tab)",
-                               elem_id="lora_maker_train_grid")
-            with gr.Row():
-                save = gr.Button("Save settings", size="sm", elem_id="lora_maker_train_save")
-                load = gr.Button("Load saved", size="sm", elem_id="lora_maker_train_load")
-                reset = gr.Button("Reset to defaults", size="sm", elem_id="lora_maker_train_reset")
-            message = gr.HTML(elem_id="lora_maker_train_message")
-            plan = gr.HTML(elem_id="lora_maker_train_plan")
-            estimate = gr.HTML(elem_id="lora_maker_train_vram")
-            output = gr.HTML(elem_id="lora_maker_train_output")
-    fields = [inputs[key] for key in KEYS]
+    with gr.Column(scale=3, elem_id="lora_maker_train_form"):
+        for group in GROUPS:
+            slug = group.title.lower().replace(" & ", "_").replace(" ", "_")
+            with gr.Accordion(group.title, open=True, elem_id=f"lora_maker_train_group_{slug}"):
+                with gr.Row():
+                    inputs.update((spec.key, component(spec)) for spec in group.main)
+                if group.more:
+                    with gr.Accordion("More", open=False, elem_id=f"lora_maker_train_more_{slug}"):
+                        for first in range(0, len(group.more), _PER_ROW):
+                            with gr.Row():
+                                inputs.update((s.key, component(s)) for s in group.more[first:first + _PER_ROW])
+    ui.fields = [inputs[key] for key in KEYS]
 
-    def project(name) -> Project | None:
-        return ctx.open(name) if name else None
 
-    def summary(name, settings: TrainSettings) -> tuple[str, str]:
-        kind = studio.model_kind()
+def _side_layout(ui) -> None:
+    # Buttons first: the live boxes below them change height as the user types, and must not
+    # move a button between the press and the release of a click.
+    with gr.Column(scale=2, min_width=320, elem_id="lora_maker_train_side"):
+        missing = unavailable(("lycoris",), require_lycoris)  # the form still works; training can't
+        if missing:
+            gr.HTML(f'<p class="lora-maker-error">{html.escape(missing)}</p>', elem_id="lora_maker_train_missing")
+        with gr.Row():
+            ui.start = gr.Button("Start training", variant="primary", elem_id="lora_maker_train_start",
+                                 interactive=not missing)
+            ui.resume = gr.Button("Resume", visible=False, elem_id="lora_maker_train_resume")
+        ui.grid = gr.Checkbox(True, label="Render a test grid when training ends (see the Test tab)",
+                              elem_id="lora_maker_train_grid")
+        with gr.Row():
+            ui.save = gr.Button("Save settings", size="sm", elem_id="lora_maker_train_save")
+            ui.load = gr.Button("Load saved", size="sm", elem_id="lora_maker_train_load")
+            ui.reset = gr.Button("Reset to defaults", size="sm", elem_id="lora_maker_train_reset")
+        ui.message = gr.HTML(elem_id="lora_maker_train_message")
+        ui.plan = gr.HTML(elem_id="lora_maker_train_plan")
+        ui.estimate = gr.HTML(elem_id="lora_maker_train_vram")
+        ui.output = gr.HTML(elem_id="lora_maker_train_output")
+
+
+class _Form:
+    """The form's values and the plan beside them, as the lists of updates the handlers return."""
+
+    def __init__(self, ctx: TabContext, ui):
+        self.ctx, self.studio = ctx, ctx.studio
+        self.outputs = [*ui.fields, ui.plan, ui.estimate]
+
+    def summary(self, name, settings: TrainSettings) -> tuple[str, str]:
+        """The plan and the VRAM estimate boxes (the Studio's plan: what the API and the trainer count)."""
         try:
-            advice = settings.validate(kind)
-            return plan_html(project(name), settings, kind, advice), vram_html(settings, kind, studio.gpu_memory())
+            plan = self.studio.training_plan(name or None, settings)
+            return plan_html(plan if name else None), vram_html(plan)
         except LoraMakerError as e:
             return error_html(str(e))
 
-    def shown(name, settings: TrainSettings) -> list:
-        return [*form_values(settings), *summary(name, settings)]
+    def shown(self, name, settings: TrainSettings) -> list:
+        return [*form_values(settings), *self.summary(name, settings)]
 
-    order = LiveOrder()
-
-    def of_form(name, values) -> tuple[str, str]:
+    def of_form(self, name, values) -> tuple[str, str]:
         try:
             settings = settings_from(values)
         except LoraMakerError as e:
             return error_html(str(e))
-        return summary(name, settings)
+        return self.summary(name, settings)
+
+    def resume_button(self, name):
+        try:
+            return gr.Button.update(visible=bool(name) and self.studio.can_resume(name))
+        except LoraMakerError:  # the project is gone: the picker shows that
+            return gr.Button.update(visible=False)
+
+
+def _wire_form(ctx: TabContext, tab, ui, form: _Form) -> None:
+    """The project's settings into the form, and the plan recomputed as the user types."""
+    studio, order = ctx.studio, LiveOrder()
 
     def live(stamp, name, *values):
         with order.lock:
             if order.stale(stamp):
                 return gr.update(), gr.update()
-            return of_form(name, values)
+            return form.of_form(name, values)
 
     def where(name) -> str:
         if not name:
@@ -173,26 +192,48 @@ def build(ctx: TabContext, tab) -> None:
 
     @shows_errors
     def open_project(name):
-        p = project(name)
-        settings = train_settings.load(p) if p else TrainSettings()
-        return [*shown(name, settings), where(name), gr.Button.update(visible=can_resume(studio, p)), "", "",
-                name or ""]
+        settings = studio.training_settings(name) if name else TrainSettings()
+        return [*form.shown(name, settings), where(name), form.resume_button(name), "", "", name or ""]
+
+    def reopened(loaded, name, *values):
+        """The tab opened: images may have come or gone since. Until the picked project's settings are in
+        the form (`loaded` is the project they are from), the values sent are not the project's: nothing."""
+        return form.of_form(name, values) if name and loaded == name else (gr.update(), gr.update())
+
+    stamp = gr.Textbox(visible=False, elem_id="lora_maker_train_stamp")
+    live_inputs, boxes = [stamp, ctx.project, *ui.fields], [ui.plan, ui.estimate]
+    for field in ui.fields:
+        # No progress overlay: it would flicker on every keystroke and shift the buttons under the cursor.
+        field.input(live, live_inputs, boxes, queue=False, _js=_STAMP_JS, show_progress="hidden")
+        if isinstance(field, gr.Number) and hasattr(field, "blur"):  # Gradio 4 (Forge): no blur; input suffices
+            field.blur(live, live_inputs, boxes, queue=False, _js=_STAMP_JS, show_progress="hidden")
+    # which project's settings the form holds: set with them, so the browser never has one without the other
+    loaded = gr.Textbox(visible=False, elem_id="lora_maker_train_loaded")
+    opened = [*form.outputs, ui.output, ui.resume, ui.message, ui.preset_note, loaded]
+    ctx.project.change(open_project, ctx.project, opened, queue=False, show_progress="minimal")
+    ctx.job_event.change(form.resume_button, ctx.project, ui.resume, queue=False)
+    tab.select(reopened, [loaded, ctx.project, *ui.fields], boxes, queue=False, show_progress="hidden")
+
+
+def _wire_buttons(ctx: TabContext, ui, form: _Form) -> None:
+    """Presets, load/reset/save, start and resume."""
+    studio = ctx.studio
 
     @shows_errors
     def load_saved(name):
         p = ctx.open(name)
-        return [*shown(name, train_settings.load(p)), _notes([f"Loaded the settings saved in {p.settings_path}"])]
+        return [*form.shown(name, studio.training_settings(p.name)),
+                _notes([f"Loaded the settings saved in {p.settings_path}"])]
 
     def reset_form(name):
-        return [*shown(name, TrainSettings()), _notes(["Defaults restored (not saved yet)"])]
+        return [*form.shown(name, TrainSettings()), _notes(["Defaults restored (not saved yet)"])]
 
     @shows_errors
     def apply_preset(name, purpose_value, tier_value, *values):
         if not purpose_value or not tier_value:
             raise LoraMakerError("pick what the LoRA learns and your GPU's memory, then Apply preset")
         kind = studio.model_kind()
-        p = project(name)
-        images = len(p.images()) if p else 0
+        images = len(ctx.open(name).images()) if name else 0
         applied = presets.apply_preset_with_notes(settings_from(values), purpose_value, TIERS[tier_value],
                                                   kind or SD1, images or None)
         notes = list(applied.notes)
@@ -200,24 +241,20 @@ def build(ctx: TabContext, tab) -> None:
             notes.append("No model loaded: the preset is made for an SD1 model")
         if not images:
             notes.append("No images yet: repeats and epochs were left as they were")
-        return [*shown(name, applied.settings), _notes(notes, "lora-maker-note lora-maker-train-why")]
-
-    def checked(name, values) -> tuple[Project, TrainSettings]:
-        p = ctx.open(name)
-        settings = settings_from(values)
-        settings.validate(studio.model_kind())
-        return p, settings
+        return [*form.shown(name, applied.settings), _notes(notes, "lora-maker-note lora-maker-train-why")]
 
     @shows_errors
     def save_settings(name, *values):
-        p, settings = checked(name, values)
-        train_settings.save(p, settings)
+        p = ctx.open(name)
+        studio.save_training_settings(p.name, settings_from(values))
         return _notes([f"Saved to {p.settings_path}"])
 
     def run(name, values, resume_run: bool, with_grid: bool):
-        p, settings = checked(name, values)
+        p = ctx.open(name)
+        settings = settings_from(values)
+        settings.validate(studio.model_kind())
         studio.start_training(p.name, settings, resume=resume_run, grid=bool(with_grid))
-        train_settings.save(p, settings)  # the run's settings stay with the project (and Resume uses them)
+        studio.save_training_settings(p.name, settings)  # the run's settings stay with the project (Resume uses them)
         what = "Resumed the interrupted run" if resume_run else "Training started"
         return _notes([f"{what} (settings saved): progress and the loss chart are above"]), gr.Button.update(visible=False)
 
@@ -229,36 +266,11 @@ def build(ctx: TabContext, tab) -> None:
     def resume_training(name, with_grid, *values):
         return run(name, values, resume_run=True, with_grid=with_grid)
 
-    def resume_visibility(name):
-        try:
-            return gr.Button.update(visible=can_resume(studio, project(name)))
-        except LoraMakerError:  # the project is gone: the picker shows that
-            return gr.Button.update(visible=False)
-
-    stamp = gr.Textbox(visible=False, elem_id="lora_maker_train_stamp")
-    live_inputs = [stamp, ctx.project, *fields]
-    for field in fields:
-        # No progress overlay: it would flicker on every keystroke and shift the buttons under the cursor.
-        field.input(live, live_inputs, [plan, estimate], queue=False, _js=_STAMP_JS, show_progress="hidden")
-        if isinstance(field, gr.Number) and hasattr(field, "blur"):  # Gradio 4 (Forge): no blur; input suffices
-            field.blur(live, live_inputs, [plan, estimate], queue=False, _js=_STAMP_JS, show_progress="hidden")
-    form = [*fields, plan, estimate]
-    # which project's settings the form holds: set with them, so the browser never has one without the other
-    loaded = gr.Textbox(visible=False, elem_id="lora_maker_train_loaded")
-    opened = [*form, output, resume, message, preset_note, loaded]
-    ctx.project.change(open_project, ctx.project, opened, queue=False, show_progress="minimal")
-    ctx.job_event.change(resume_visibility, ctx.project, resume, queue=False)
-    def reopened(loaded, name, *values):
-        """The tab opened: images may have come or gone since. Until the picked project's settings are in
-        the form (`loaded` is the project they are from), the values sent are not the project's: nothing."""
-        return of_form(name, values) if name and loaded == name else (gr.update(), gr.update())
-
-    tab.select(reopened, [loaded, ctx.project, *fields], [plan, estimate], queue=False, show_progress="hidden")
     # These set every input: a spinner on each would cover the whole form for a moment.
-    apply.click(apply_preset, [ctx.project, purpose, tier, *fields], [*form, preset_note], queue=False,
-                show_progress="minimal")
-    load.click(load_saved, ctx.project, [*form, message], queue=False, show_progress="minimal")
-    reset.click(reset_form, ctx.project, [*form, message], queue=False, show_progress="minimal")
-    save.click(save_settings, [ctx.project, *fields], message, queue=False)
-    start.click(start_training, [ctx.project, grid, *fields], [message, resume], queue=False)
-    resume.click(resume_training, [ctx.project, grid, *fields], [message, resume], queue=False)
+    ui.apply.click(apply_preset, [ctx.project, ui.purpose, ui.tier, *ui.fields], [*form.outputs, ui.preset_note],
+                   queue=False, show_progress="minimal")
+    ui.load.click(load_saved, ctx.project, [*form.outputs, ui.message], queue=False, show_progress="minimal")
+    ui.reset.click(reset_form, ctx.project, [*form.outputs, ui.message], queue=False, show_progress="minimal")
+    ui.save.click(save_settings, [ctx.project, *ui.fields], ui.message, queue=False)
+    ui.start.click(start_training, [ctx.project, ui.grid, *ui.fields], [ui.message, ui.resume], queue=False)
+    ui.resume.click(resume_training, [ctx.project, ui.grid, *ui.fields], [ui.message, ui.resume], queue=False)

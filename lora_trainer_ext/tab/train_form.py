@@ -47,7 +47,7 @@ GROUPS = (
         Input("optimizer", "Optimizer"),
         Input("lr_scheduler", "Scheduler"),
     ), (
-        Input("lr_restarts", "Restarts", "cosine_with_restarts cycles"),
+        Input("lr_cycles", "Cycles", "cosine_with_restarts cycles"),
         Input("warmup_ratio", "Warmup ratio", step=0.01),
         Input("min_snr_gamma", "Min-SNR gamma", "0: off", step=0.5),
         Input("noise_offset", "Noise offset", "0: off", step=0.01),

@@ -22,14 +22,14 @@ import torch
 from PIL import Image, ImageOps
 
 from ..dataset.captions import join_tags, read_caption, split_tags
-from ..dataset.http import Stopped
 from ..dataset.images import ImageRejected, decode, flatten
-from ..errors import LoraMakerError
+from ..errors import LoraMakerError, Stopped
 from ..hosts.host import SizeInfo
 from ..progress import Progress
 from ..project import Project
 from .buckets import BucketPlan, Size, flipped, resize_and_crop, size_info
-from .settings import StepPlan, TrainSettings, step_arithmetic
+from .plan import StepPlan, step_arithmetic
+from .settings import TrainSettings
 
 
 @dataclass

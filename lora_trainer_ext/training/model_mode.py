@@ -5,7 +5,8 @@ change is recorded and undone in `finally`: requires_grad, train/eval mode, and 
 gradient-checkpoint flags. Those flags must be off while a LoRA trains: ldm's checkpoint function
 recomputes with the block's own parameters only, so the LoRA weights patched into the block get no
 gradient (webui-host.md). Checkpointing, when wanted, is torch's non-reentrant kind around whole
-UNet blocks, which sees every parameter the block uses.
+UNet blocks, which sees every parameter the block uses. The run's clip skip and moving the VAE off the
+GPU once latents are cached follow the same rule.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Iterator
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import LoraMakerError
 from ..hosts.host import Host
 
 _FLAGS = ("checkpoint", "use_checkpoint")  # ldm/sgm: BasicTransformerBlock.checkpoint, ResBlock.use_checkpoint
@@ -88,3 +90,43 @@ def parameter_fingerprint(host: Host) -> dict[str, str]:
             data = tensor.detach().cpu().contiguous()
             out[f"{label}.{name}"] = hashlib.sha256(data.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
     return out
+
+
+@contextlib.contextmanager
+def clip_skip_set(host: Host, clip_skip: int | None):
+    """The run's clip skip on a host that lets us set it (the standalone one; the WebUI's follows its
+    own setting, as its txt2img does), put back afterwards."""
+    before = getattr(host, "clip_skip", None)
+    if clip_skip is None or clip_skip == before:
+        yield
+        return
+    try:
+        host.clip_skip = clip_skip
+    except AttributeError:  # the WebUI's model follows its own setting
+        raise LoraMakerError(f"clip skip is {before} in the WebUI's settings: train with that (leave clip_skip unset) "
+                             "or change it there") from None
+    try:
+        yield
+    finally:
+        host.clip_skip = before
+
+
+@contextlib.contextmanager
+def vae_off_the_gpu(host: Host):
+    """Once the latents are cached the VAE has nothing to do: free its GPU memory for the training
+    (as sd-scripts does) and put it back where it was afterwards."""
+    vae = getattr(host, "vae", None)
+    device = next(vae.parameters()).device if vae is not None and any(True for _ in vae.parameters()) else None
+    if device is None or device.type != "cuda":
+        yield
+        return
+    vae.to("cpu")
+    torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        import gc
+
+        gc.collect()  # after an out-of-memory error, free what the failed step held before moving back
+        torch.cuda.empty_cache()
+        vae.to(device)

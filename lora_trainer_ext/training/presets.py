@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from ..errors import LoraMakerError
 from ..hosts.host import SD1, SD2, SDXL
 from . import vram
-from .settings import GUIDE_STEPS, TrainSettings, optimizer_available
+from .plan import GUIDE_STEPS
+from .settings import TrainSettings, optimizer_available
 
 PURPOSES = ("character", "style", "concept")
 VRAM_TIERS = (8, 12, 16, 24)
@@ -28,11 +29,11 @@ BUDGET = vram.TIGHT  # share of the card a preset may plan to use
 # Learning knobs by purpose; SDXL entries replace the SD1/SD2 ones they name.
 _PURPOSE = {
     "character": dict(network="lora", dim=16, alpha=8.0, unet_lr=5e-4, text_encoder_lr=1e-4, flip_aug=False,
-                      shuffle_tags=True, lr_scheduler="cosine_with_restarts", lr_restarts=3, epochs=10),
+                      shuffle_tags=True, lr_scheduler="cosine_with_restarts", lr_cycles=3, epochs=10),
     "style": dict(network="locon", dim=16, alpha=8.0, conv_dim=8, conv_alpha=4.0, unet_lr=3e-4, text_encoder_lr=0.0,
-                  flip_aug=True, shuffle_tags=True, lr_scheduler="cosine_with_restarts", lr_restarts=3, epochs=15),
+                  flip_aug=True, shuffle_tags=True, lr_scheduler="cosine_with_restarts", lr_cycles=3, epochs=15),
     "concept": dict(network="lora", dim=8, alpha=4.0, unet_lr=5e-4, text_encoder_lr=1e-4, flip_aug=True,
-                    shuffle_tags=True, lr_scheduler="cosine_with_restarts", lr_restarts=3, epochs=10),
+                    shuffle_tags=True, lr_scheduler="cosine_with_restarts", lr_cycles=3, epochs=10),
 }
 _PURPOSE_SDXL = {
     "character": dict(dim=8, alpha=4.0, unet_lr=3e-4, text_encoder_lr=0.0),

@@ -34,7 +34,7 @@ class LrMultiplier:
     name: str
     total_steps: int
     warmup_steps: int = 0
-    restarts: int = 1
+    cycles: int = 1
 
     def __call__(self, step: int) -> float:
         warmup = self.warmup_steps if self.name in WARMUP_SCHEDULERS else 0
@@ -45,28 +45,28 @@ class LrMultiplier:
         progress = (step - warmup) / max(1, self.total_steps - warmup)
         if self.name == "cosine":
             return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
-        # cosine_with_restarts: `restarts` full cosine cycles, each jumping back to 1 (hard restarts).
+        # cosine_with_restarts: `cycles` full cosine cycles, each jumping back to 1 (hard restarts).
         if progress >= 1.0:
             return 0.0
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((self.restarts * progress) % 1.0))))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((self.cycles * progress) % 1.0))))
 
 
-def lr_lambda(name: str, total_steps: int, warmup_steps: int = 0, restarts: int = 1) -> LrMultiplier:
+def lr_lambda(name: str, total_steps: int, warmup_steps: int = 0, cycles: int = 1) -> LrMultiplier:
     """The multiplier function of schedule `name` (one of SCHEDULERS)."""
     if name not in SCHEDULERS:
         raise LoraMakerError(f"unknown lr_scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
     if total_steps < 1:
         raise LoraMakerError(f"a schedule needs at least 1 step, got {total_steps}")
-    if warmup_steps < 0 or restarts < 1:
-        raise LoraMakerError(f"warmup steps must be >= 0 and restarts >= 1 (got {warmup_steps}, {restarts})")
-    return LrMultiplier(name, total_steps, warmup_steps, restarts)
+    if warmup_steps < 0 or cycles < 1:
+        raise LoraMakerError(f"warmup steps must be >= 0 and cycles >= 1 (got {warmup_steps}, {cycles})")
+    return LrMultiplier(name, total_steps, warmup_steps, cycles)
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_steps: int = 0, restarts: int = 1
+    optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_steps: int = 0, cycles: int = 1
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR over every parameter group (each group keeps its own base lr: UNet and text
     encoder). Call `.step()` after each optimizer step; resume with `.load_state_dict()`."""
     import torch
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(name, total_steps, warmup_steps, restarts))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(name, total_steps, warmup_steps, cycles))

@@ -1,6 +1,6 @@
 """Training settings: every knob of a LoRA run with the seed guide's defaults, by the names the
-project's settings.json (section "train") and the CLI's `--set key=value` use; their checks; and the
-step arithmetic the guide teaches (images x repeats x epochs / batch = steps, aim at 250-1000).
+project's settings.json (section "train") and the CLI's `--set key=value` use, and their checks.
+The step arithmetic they lead to is plan.py's.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import difflib
 import importlib
 import math
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 from ..errors import LoraMakerError
 from ..hosts.host import SD1, SD2, SDXL
 from ..project import Project
-from .schedules import SCHEDULERS, WARMUP_SCHEDULERS, warmup_steps
+from .schedules import SCHEDULERS
 
 NETWORKS = ("lora", "locon")
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy")
@@ -31,7 +31,6 @@ CHOICES = {
 }
 # The package each optional optimizer comes from (AdamW is torch's own).
 OPTIMIZER_PACKAGES = {"AdamW8bit": "bitsandbytes", "Prodigy": "prodigyopt"}
-GUIDE_STEPS = (250, 1000)  # the guide's advice for total steps
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 _NONE = {"", "none", "null", "auto"}
@@ -63,7 +62,7 @@ class TrainSettings:
     unet_lr: float = 5e-4  # UNet learning rate (1e-4 to 2e-4 to "cook slowly")
     text_encoder_lr: float = 1e-4  # text encoder learning rate, 1/2 to 1/5 of the UNet's; 0: UNet only
     lr_scheduler: str = "cosine_with_restarts"  # constant, constant_with_warmup, cosine or cosine_with_restarts
-    lr_restarts: int = 3  # cosine cycles of cosine_with_restarts
+    lr_cycles: int = 3  # cosine cycles of cosine_with_restarts (kohya's lr_scheduler_num_cycles)
     warmup_ratio: float = 0.05  # share of the steps spent ramping the learning rate up (not for constant)
     min_snr_gamma: float = 5.0  # min-SNR loss weighting gamma; 0: off
     noise_offset: float = 0.0  # extra per-channel noise that lets the LoRA learn very dark/bright images; 0: off
@@ -125,7 +124,7 @@ class TrainSettings:
             if not ok:
                 problems.append(message)
 
-        for name in ("repeats", "batch_size", "dim", "lr_restarts", "bucket_step", "min_bucket"):
+        for name in ("repeats", "batch_size", "dim", "lr_cycles", "bucket_step", "min_bucket"):
             need(getattr(self, name) >= 1, f"{name} must be at least 1 (got {getattr(self, name)})")
         for name in ("max_steps", "resolution", "max_bucket", "clip_skip"):
             value = getattr(self, name)
@@ -279,67 +278,3 @@ def load(project: Project) -> TrainSettings:
 
 def save(project: Project, settings: TrainSettings) -> None:
     project.update_settings(train=settings.to_dict())
-
-
-# ---- step arithmetic ----
-
-
-@dataclass
-class StepPlan:
-    images: int
-    repeats: int
-    batch_size: int
-    epochs: int
-    steps_per_epoch: int  # batches per epoch (filled per bucket, so possibly more than images x repeats / batch)
-    total_steps: int
-    warmup_steps: int
-    max_steps: int | None = None  # set when the run is counted in steps rather than epochs
-    warnings: list[str] = field(default_factory=list)
-
-    def render(self) -> str:
-        """One line: "40 images x 10 repeats x 10 epochs / batch 2 = 2000 steps"."""
-        plain = math.ceil(self.images * self.repeats / self.batch_size)
-        if self.max_steps is not None:
-            per_epoch = f"{self.steps_per_epoch} steps" + ("" if plain == self.steps_per_epoch else " filled per bucket")
-            return (
-                f"{self.total_steps} steps = about {self.epochs} epochs of "
-                f"{self.images} images x {self.repeats} repeats / batch {self.batch_size} ({per_epoch})"
-            )
-        line = (
-            f"{self.images} images x {self.repeats} repeats x {self.epochs} epochs / batch {self.batch_size} "
-            f"= {plain * self.epochs} steps"
-        )
-        if plain != self.steps_per_epoch:
-            line += f" ({self.total_steps} with batches filled per bucket)"
-        return line
-
-
-def step_arithmetic(images: int, settings: TrainSettings, bucket_sizes: list[int] | None = None) -> StepPlan:
-    """The run's steps: images x repeats / batch per epoch (rounded up, per bucket when the images'
-    `bucket_sizes` are given, since a batch holds one bucket), times epochs, or `max_steps`."""
-    if images < 1:
-        raise LoraMakerError("the dataset has no images: nothing to train on")
-    counts = bucket_sizes or [images]
-    per_epoch = sum(math.ceil(n * settings.repeats / settings.batch_size) for n in counts)
-    if settings.max_steps is not None:
-        total, epochs = settings.max_steps, math.ceil(settings.max_steps / per_epoch) if per_epoch else 0
-    else:
-        total, epochs = per_epoch * settings.epochs, settings.epochs
-    if total < 1:
-        raise LoraMakerError(
-            f"{images} images x {settings.repeats} repeats x {settings.epochs} epochs makes 0 steps: "
-            "raise repeats or epochs"
-        )
-    warmup = warmup_steps(total, settings.warmup_ratio) if settings.lr_scheduler in WARMUP_SCHEDULERS else 0
-    low, high = GUIDE_STEPS
-    knobs = "max_steps" if settings.max_steps is not None else "repeats or epochs"
-    warnings = []
-    if total < low:
-        warnings.append(f"{total} steps is below the guide's {low}-{high}: raise {knobs} (or the LoRA may be undercooked)")
-    elif total > high:
-        warnings.append(
-            f"{total} steps is above the guide's {low}-{high}: lower {knobs} (or raise batch_size) to avoid overcooking"
-        )
-    return StepPlan(
-        images, settings.repeats, settings.batch_size, epochs, per_epoch, total, warmup, settings.max_steps, warnings
-    )

@@ -3,7 +3,7 @@
     result = train(project, host, settings, lora_dir)
 
 Everything that can be checked is checked before the model is touched (dataset, settings, steps).
-The host's model is then prepared (training_mode.py), latents are cached once per image and
+The host's model is then prepared (model_mode.py), latents are cached once per image and
 orientation, and the loop runs with the network attached; whatever happens, the network is detached
 and the model restored. Epoch files are `NAME-000001.safetensors` ..., the last `NAME.safetensors`;
 the resumable state (network, optimizer, scheduler, step, RNG) lives in the project's train/ folder.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import random
 import time
 from dataclasses import dataclass, field
@@ -22,20 +21,20 @@ from typing import Callable
 
 import torch
 
-from .. import files
 from ..dataset.curate import activation_tags
 from ..errors import LoraMakerError
-from ..hosts.host import Host
+from ..hosts.host import Host, gpu_memory
 from ..progress import Control, Progress, Status
 from ..project import Project
 from . import lora_file, objective
 from .data import TrainData, dataset_dirs, metadata_tag_frequency
-from .model_mode import prepared_for_training
+from .latents import cache_latents, cached
+from .model_mode import clip_skip_set, prepared_for_training, vae_off_the_gpu
 from .network import Network, NetworkConfig
+from .optimizers import autocast_for, make_optimizer
 from .schedules import make_scheduler
 from .settings import TrainSettings
-
-STATE_FILE = "state.pt"
+from .state import changed_settings, read_state, state_dir, state_path, write_state
 
 
 @dataclass
@@ -45,107 +44,6 @@ class Result:
     steps: int = 0
     stopped: bool = False
     loss_log: Path | None = None
-
-
-def state_dir(project: Project) -> Path:
-    return project.path / "train"
-
-
-def _optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
-    if name == "AdamW":
-        # One fused kernel instead of a loop over hundreds of small tensors: on CUDA, and on the CPU
-        # from torch 2.4 (the WebUI's torch 2.1 refuses it there).
-        on_cuda = all(p.is_cuda for group in groups for p in group["params"])
-        fused = on_cuda or tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 4)
-        return torch.optim.AdamW(groups, weight_decay=1e-2, fused=fused)
-    if name == "AdamW8bit":
-        import bitsandbytes
-
-        return bitsandbytes.optim.AdamW8bit(groups, weight_decay=1e-2)
-    if name == "Prodigy":
-        import prodigyopt
-
-        return prodigyopt.Prodigy(groups, weight_decay=1e-2, safeguard_warmup=True, use_bias_correction=True)
-    raise LoraMakerError(f"unknown optimizer {name!r}")
-
-
-def autocast_for(host: Host, precision: str):
-    """Autocast on CUDA (fp16 with loss scaling, or bf16); plain fp32 maths on the CPU."""
-    if host.device.type != "cuda" or precision == "no":
-        return torch.autocast(host.device.type, enabled=False), None
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    scaler = None
-    if dtype == torch.float16:  # torch.amp.GradScaler from torch 2.3; the WebUI's 2.1 has the cuda one
-        scaler = torch.amp.GradScaler("cuda") if hasattr(torch.amp, "GradScaler") else torch.cuda.amp.GradScaler()
-    return torch.autocast("cuda", dtype=dtype), scaler
-
-
-@contextlib.contextmanager
-def _clip_skip(host: Host, clip_skip: int | None):
-    """The run's clip skip on a host that lets us set it (the standalone one; the WebUI's follows its
-    own setting, as its txt2img does), put back afterwards."""
-    before = getattr(host, "clip_skip", None)
-    if clip_skip is None or clip_skip == before:
-        yield
-        return
-    try:
-        host.clip_skip = clip_skip
-    except AttributeError:  # the WebUI's model follows its own setting
-        raise LoraMakerError(f"clip skip is {before} in the WebUI's settings: train with that (leave clip_skip unset) "
-                             "or change it there") from None
-    try:
-        yield
-    finally:
-        host.clip_skip = before
-
-
-@contextlib.contextmanager
-def _vae_off_the_gpu(host: Host):
-    """Once the latents are cached the VAE has nothing to do: free its GPU memory for the training
-    (as sd-scripts does) and put it back where it was afterwards."""
-    vae = getattr(host, "vae", None)
-    device = next(vae.parameters()).device if vae is not None and any(True for _ in vae.parameters()) else None
-    if device is None or device.type != "cuda":
-        yield
-        return
-    vae.to("cpu")
-    torch.cuda.empty_cache()
-    try:
-        yield
-    finally:
-        import gc
-
-        gc.collect()  # after an out-of-memory error, free what the failed step held before moving back
-        torch.cuda.empty_cache()
-        vae.to(device)
-
-
-def cache_latents(host: Host, data: TrainData, progress: Progress, disk: Path | None = None) -> dict:
-    """Latents of every (image, flip) the run can ask for, encoded once: kept on the CPU (RAM), or
-    in `disk` files for big datasets. Returns {key: tensor or path}."""
-    keys = data.cache_keys()
-    cache: dict = {}
-    with torch.no_grad(), progress.task("caching latents", len(keys)) as task:
-        for index, flip in keys:
-            if progress.should_stop():
-                raise KeyboardInterrupt
-            pixels, _ = data.pixels(index, flip)
-            latent = host.encode_images(pixels.unsqueeze(0).to(host.device, host.dtype))[0].float().cpu()
-            if not torch.isfinite(latent).all():
-                latent = torch.nan_to_num(latent, nan=0.0, posinf=0.0, neginf=0.0)  # as sd-scripts: a fp16 VAE overflow
-            if disk is None:
-                cache[(index, flip)] = latent
-            else:
-                path = disk / f"{index:06d}{'-flip' if flip else ''}.pt"
-                torch.save(latent, path)
-                cache[(index, flip)] = path
-            task.advance()
-    return cache
-
-
-def _cached(cache: dict, key) -> torch.Tensor:
-    value = cache[key]
-    return torch.serialization.load(value) if isinstance(value, Path) else value  # see load_state
 
 
 class _Trainer:
@@ -217,7 +115,7 @@ class _Trainer:
             lora_file.card_path(old).unlink(missing_ok=True)
 
     def save_state(self, step: int, epoch: int, batch: int) -> None:
-        state = {
+        write_state(self.project, {
             "version": 1, "name": self.name, "settings": self.settings.to_dict(), "kind": self.host.kind,
             "model_name": self.host.model_name, "step": step, "epoch": epoch, "batch": batch,
             "network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -225,23 +123,17 @@ class _Trainer:
             "session_id": self.session_id, "started_at": self.started_at, "losses": self.losses[-100:],
             "total_steps": self.total_steps, "dataset": self._dataset_fingerprint(), "epoch_files": self.epoch_files,
             "scaler": self.scaler.state_dict() if self.scaler else None,
-        }
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        files.write_bytes(state_dir(self.project) / STATE_FILE, buffer.getvalue())
+        })
 
     def load_state(self) -> dict:
-        path = state_dir(self.project) / STATE_FILE
-        if not path.is_file():
-            raise LoraMakerError(f"nothing to resume: no saved training state in {path.parent}")
-        # torch.serialization.load, not torch.load: the WebUI swaps torch.load for a checker that refuses
-        # current torch's archive layout (and returns None); this file is our own.
-        state = torch.serialization.load(path, map_location="cpu", weights_only=False)
-        if state.get("kind") != self.host.kind or state.get("settings") != self.settings.to_dict():
-            raise LoraMakerError(
-                "the saved training state is for other settings or another model type: resume with the same "
-                "settings and model, or start a new run"
-            )
+        state = read_state(self.project)
+        if state.get("kind") != self.host.kind:
+            raise LoraMakerError(f"the stopped run trained a {state.get('kind')} model, this one is {self.host.kind}: "
+                                 "load that model to resume, or start a new run")
+        changed = changed_settings(state["settings"], self.settings)
+        if changed:
+            raise LoraMakerError(f"the stopped run used other settings ({', '.join(changed)}): resume with its "
+                                 "settings, or start a new run")
         if state.get("model_name") != self.host.model_name:
             raise LoraMakerError(f"the stopped run trained on {state.get('model_name')}, not {self.host.model_name}: "
                                  "load that model to resume, or start a new run")
@@ -258,10 +150,8 @@ class _Trainer:
     # ---- the loop ----
 
     def _gpu_memory(self) -> str:
-        if self.host.device.type != "cuda":
-            return ""
-        free, total = torch.cuda.mem_get_info(self.host.device)
-        return f"GPU memory: {free / 2**30:.1f} GB free of {total / 2**30:.1f} GB"
+        memory = gpu_memory(self.host.device)
+        return f"GPU memory: {memory[0]:.1f} GB free of {memory[1]:.1f} GB" if memory else ""
 
     def _out_of_memory(self) -> str:
         s = self.settings
@@ -287,7 +177,7 @@ class _Trainer:
         self.lora_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(s.seed)  # the network's initial weights
         self.status("plan", message="\n".join(filter(None, [self.plan.render(), *self.plan.warnings, self._gpu_memory()])))
-        with prepared_for_training(self.host, bool(s.gradient_checkpointing)), _clip_skip(self.host, s.clip_skip):
+        with prepared_for_training(self.host, bool(s.gradient_checkpointing)), clip_skip_set(self.host, s.clip_skip):
             self.status("caching latents")
             disk = None
             if s.cache_latents == "disk":
@@ -298,7 +188,7 @@ class _Trainer:
             self.network = Network(self.host, config, train_text_encoder=self.train_te)
             try:
                 self.network.attach()
-                with _vae_off_the_gpu(self.host):
+                with vae_off_the_gpu(self.host):
                     return self._loop(resume)
             except torch.cuda.OutOfMemoryError:
                 raise LoraMakerError(self._out_of_memory()) from None
@@ -310,99 +200,30 @@ class _Trainer:
                 self.network.detach()
 
     def _loop(self, resume: bool) -> Result:
-        s, host = self.settings, self.host
-        self.optimizer = _optimizer(s.optimizer, self.network.parameter_groups(s.unet_lr, s.text_encoder_lr))
-        self.scheduler = make_scheduler(self.optimizer, s.lr_scheduler, self.total_steps, self.plan.warmup_steps, s.lr_restarts)
-        autocast, self.scaler = autocast_for(host, s.mixed_precision)
+        s = self.settings
+        self.optimizer = make_optimizer(s.optimizer, self.network.parameter_groups(s.unet_lr, s.text_encoder_lr))
+        self.scheduler = make_scheduler(self.optimizer, s.lr_scheduler, self.total_steps, self.plan.warmup_steps, s.lr_cycles)
+        self.autocast, self.scaler = autocast_for(self.host, s.mixed_precision)
         self.generator = torch.Generator().manual_seed(s.seed)
         self.losses: list[float] = []
         self.position = None
-        step, start_epoch, skip = 0, 0, 0
-        if resume:
-            state = self.load_state()
-            self.network.load_state_dict(state["network"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.generator.set_state(state["generator"])
-            if self.scaler and state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
-            self.epoch_files = list(state.get("epoch_files", []))
-            step, start_epoch, skip = state["step"], state["epoch"], state["batch"]
-            self.session_id, self.started_at, self.losses = state["session_id"], state["started_at"], state["losses"]
-        log_path = state_dir(self.project) / "runs" / f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(self.started_at))}.csv"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.result.loss_log = log_path
-        new_log = not log_path.exists()
-        scaler = self.scaler
-        timesteps_total = len(host.alphas_cumprod)
-        alphas = host.alphas_cumprod.to(host.device)
-        params = list(self.network.parameters())
+        step, start_epoch, skip = self._restore() if resume else (0, 0, 0)
+        self.alphas = self.host.alphas_cumprod.to(self.host.device)
+        self.params = list(self.network.parameters())
         self.network.train()
-        started, first_step = time.monotonic(), step
-        with open(log_path, "a", newline="", encoding="utf-8") as log_file:
-            log = csv.writer(log_file)
-            if new_log:
-                log.writerow(["step", "epoch", "loss", "lr", "seconds"])
+        self.started, self.first_step = time.monotonic(), step
+        with self._loss_log() as log:
             for epoch in range(start_epoch, self.epochs):
-                plans = self.data.epoch_plan(epoch)
-                for batch_index, plan in enumerate(plans):
+                for batch_index, plan in enumerate(self.data.epoch_plan(epoch)):
                     if batch_index < skip:
                         continue
                     if step >= self.total_steps:
                         break
-                    latents = torch.stack([_cached(self.cache, key) for key in plan.keys]).to(host.device)
-                    noise, timesteps = objective.sample(latents, self.generator, timesteps_total, s.noise_offset)
-                    noisy = objective.add_noise(latents, noise, timesteps, alphas)
-                    sizes = self.data.sizes(plan) if host.kind == "sdxl" else None
-                    with autocast:
-                        with torch.set_grad_enabled(self.train_te):
-                            cond = host.conditioning(plan.captions, sizes)
-                        prediction = host.apply_model(noisy.to(host.dtype), timesteps, cond)
-                    wanted = objective.target(latents, noise, timesteps, alphas, host.parameterization)
-                    weights = (objective.snr_weights(timesteps, alphas, s.min_snr_gamma, host.parameterization)
-                               if s.min_snr_gamma else None)
-                    loss = objective.loss(prediction, wanted, weights)
-                    if not torch.isfinite(loss):
-                        if self.position:
-                            self.save_state(*self.position)  # what was learned up to here, resumable
-                        raise LoraMakerError(
-                            f"the loss became {loss.item()} at step {step + 1}: lower the learning rate, or use bf16 "
-                            "or no mixed precision"
-                        )
-                    self.optimizer.zero_grad(set_to_none=True)
-                    if scaler:
-                        scaler.scale(loss).backward()
-                        scaler.unscale_(self.optimizer)
-                    else:
-                        loss.backward()
-                    if s.max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-                    if scaler:
-                        scaler.step(self.optimizer)
-                        scaler.update()
-                    else:
-                        self.optimizer.step()
-                    lr = self.optimizer.param_groups[0]["lr"]
-                    self.scheduler.step()
+                    loss, lr = self._step(plan, step)
                     step += 1
                     self.position = (step, epoch, batch_index + 1)  # where a resume continues
-                    self.losses.append(loss.item())
-                    elapsed = time.monotonic() - started
-                    rate = (step - first_step) / elapsed if elapsed > 0 else None
-                    log.writerow([step, epoch + 1, f"{loss.item():.6f}", f"{lr:.3e}", f"{elapsed:.2f}"])
-                    recent = self.losses[-20:]
-                    self.status("training", step=step, epoch=epoch + 1, loss=sum(recent) / len(recent), lr=lr,
-                                it_per_s=rate, eta_s=(self.total_steps - step) / rate if rate else None)
-                    if self.control.take_save_request():
-                        self.save_lora(self.lora_dir / f"{self.name}-step{step:08d}.safetensors", epoch + 1, step)
-                        self.save_state(step, epoch, batch_index + 1)
-                    if self.control.stop_requested or self.progress.should_stop():
-                        self.result.stopped = True
-                        if self.control.save_on_stop:
-                            self.status("saving", step=step, epoch=epoch + 1)
-                            self.save_lora(self.lora_dir / f"{self.name}-step{step:08d}.safetensors", epoch + 1, step)
-                        self.save_state(step, epoch, batch_index + 1)
-                        self.result.steps = step
+                    self._report(log, step, epoch, loss, lr)
+                    if self._steered(step, epoch, batch_index):
                         return self.result
                 skip = 0
                 last = epoch + 1 == self.epochs or step >= self.total_steps
@@ -416,9 +237,97 @@ class _Trainer:
         self.status("saving", step=step, epoch=self.epochs)
         self.result.final = self.save_lora(self.lora_dir / f"{self.name}.safetensors", self.epochs, step)
         self.result.steps = step
-        (state_dir(self.project) / STATE_FILE).unlink(missing_ok=True)  # finished: nothing left to resume
+        state_path(self.project).unlink(missing_ok=True)  # finished: nothing left to resume
         self.status("done", step=step, epoch=self.epochs)
         return self.result
+
+    def _restore(self) -> tuple[int, int, int]:
+        """Load the stopped run's state; returns (step, epoch, batch) to continue from."""
+        state = self.load_state()
+        self.network.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch_files = list(state.get("epoch_files", []))
+        self.session_id, self.started_at, self.losses = state["session_id"], state["started_at"], state["losses"]
+        return state["step"], state["epoch"], state["batch"]
+
+    @contextlib.contextmanager
+    def _loss_log(self):
+        """The run's loss CSV (one per run, appended to on resume)."""
+        started = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.started_at))
+        path = self.result.loss_log = state_dir(self.project) / "runs" / f"{started}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with open(path, "a", newline="", encoding="utf-8") as f:
+            log = csv.writer(f)
+            if new:
+                log.writerow(["step", "epoch", "loss", "lr", "seconds"])
+            yield log
+
+    def _step(self, plan, step: int) -> tuple[float, float]:
+        """One optimizer step on the batch `plan`; returns (loss, the learning rate it used)."""
+        s, host = self.settings, self.host
+        latents = torch.stack([cached(self.cache, key) for key in plan.keys]).to(host.device)
+        noise, timesteps = objective.sample(latents, self.generator, len(host.alphas_cumprod), s.noise_offset)
+        noisy = objective.add_noise(latents, noise, timesteps, self.alphas)
+        sizes = self.data.sizes(plan) if host.kind == "sdxl" else None
+        with self.autocast:
+            with torch.set_grad_enabled(self.train_te):
+                cond = host.conditioning(plan.captions, sizes)
+            prediction = host.apply_model(noisy.to(host.dtype), timesteps, cond)
+        wanted = objective.target(latents, noise, timesteps, self.alphas, host.parameterization)
+        weights = (objective.snr_weights(timesteps, self.alphas, s.min_snr_gamma, host.parameterization)
+                   if s.min_snr_gamma else None)
+        loss = objective.loss(prediction, wanted, weights)
+        if not torch.isfinite(loss):
+            if self.position:
+                self.save_state(*self.position)  # what was learned up to here, resumable
+            raise LoraMakerError(f"the loss became {loss.item()} at step {step + 1}: lower the learning rate, or use "
+                                 "bf16 or no mixed precision")
+        self.optimizer.zero_grad(set_to_none=True)
+        scaler = self.scaler
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if s.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm)
+        if scaler:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        return loss.item(), lr
+
+    def _report(self, log, step: int, epoch: int, loss: float, lr: float) -> None:
+        self.losses.append(loss)
+        elapsed = time.monotonic() - self.started
+        rate = (step - self.first_step) / elapsed if elapsed > 0 else None
+        log.writerow([step, epoch + 1, f"{loss:.6f}", f"{lr:.3e}", f"{elapsed:.2f}"])
+        recent = self.losses[-20:]
+        self.status("training", step=step, epoch=epoch + 1, loss=sum(recent) / len(recent), lr=lr,
+                    it_per_s=rate, eta_s=(self.total_steps - step) / rate if rate else None)
+
+    def _steered(self, step: int, epoch: int, batch_index: int) -> bool:
+        """Serve the user's save-now and stop requests after a step; True when the run stops here."""
+        if self.control.take_save_request():
+            self.save_lora(self.lora_dir / f"{self.name}-step{step:08d}.safetensors", epoch + 1, step)
+            self.save_state(step, epoch, batch_index + 1)
+        if not (self.control.stop_requested or self.progress.should_stop()):
+            return False
+        self.result.stopped = True
+        if self.control.save_on_stop:
+            self.status("saving", step=step, epoch=epoch + 1)
+            self.save_lora(self.lora_dir / f"{self.name}-step{step:08d}.safetensors", epoch + 1, step)
+        self.save_state(step, epoch, batch_index + 1)
+        self.result.steps = step
+        return True
 
 
 def train(project: Project, host: Host, settings: TrainSettings, lora_dir: Path, *, name: str | None = None,

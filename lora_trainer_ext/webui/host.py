@@ -1,4 +1,4 @@
-"""The model the WebUI (A1111 1.10.x) has loaded, as a training `Host` (lora_trainer_ext/host.py).
+"""The model the WebUI (A1111 1.10.x) has loaded, as a training `Host` (lora_trainer_ext/hosts/host.py).
 
 Training uses the WebUI's own objects and prompt path, so it sees what txt2img sees: ldm
 `LatentDiffusion` for SD1/2, sgm `DiffusionEngine` for SDXL (webui-host.md §2). What cannot be trained
@@ -46,6 +46,11 @@ def check_trainable(sd_model) -> str:
             raise LoraMakerError(f"{name} models can't be trained here: load an SD 1.x, 2.x or SDXL base checkpoint")
     if getattr(getattr(sd_model, "model", None), "conditioning_key", "crossattn") != "crossattn":
         raise LoraMakerError("inpainting and other conditioned models can't be trained: load a base checkpoint")
+    return model_kind(sd_model)
+
+
+def model_kind(sd_model) -> str:
+    """SD1, SD2 or SDXL, by the flags the WebUI sets on the models it loads."""
     return SDXL if getattr(sd_model, "is_sdxl", False) else SD2 if getattr(sd_model, "is_sd2", False) else SD1
 
 

@@ -21,8 +21,7 @@ from typing import Callable, Iterator
 
 from PIL import Image, ImageColor
 
-from ..dataset.http import Stopped
-from ..errors import LoraMakerError
+from ..errors import LoraMakerError, Stopped
 from ..grids.image import describe
 from ..grids.plan import Cell, GridPlan, RenderSettings
 from ..grids.renderer import Rendered, number
@@ -123,7 +122,7 @@ class WebuiRenderer:
             cfg_scale=number(settings.cfg_scale),  # 7, as the tab's slider gives it: "CFG scale: 7" in the infotext
             width=settings.width, height=settings.height, batch_size=1, n_iter=1,
             restore_faces=False, tiling=False,  # the grid shows the LoRA, not the user's global post-processing
-            do_not_save_samples=True, do_not_save_grid=True,  # grids.py saves the cells and the grid
+            do_not_save_samples=True, do_not_save_grid=True,  # grids/render.py saves the cells and the grid
             override_settings=self._pinned_settings(),
         )
         p.scripts = None  # the default for a hand-built p, and the point: no always-on scripts in grid cells
@@ -175,7 +174,7 @@ class WebuiRenderer:
         _, rows, cols = plan.shape
         cells = [c for c in plan.cells() if c.layer == layer]
         found = [image_of(c) for c in cells]
-        first = next(im for im in found if im is not None)  # grids.py assembles layers with an image only
+        first = next(im for im in found if im is not None)  # grids/render.py assembles layers with an image only
         width, height = first.size
         blank = Image.new("RGB", (width, height), ImageColor.getcolor(shared.opts.grid_background_color, "RGB"))
         grid = images.image_grid([im if im is not None else blank for im in found], rows=rows)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from ..hosts.host import SD1, SD2, SDXL
+from ..hosts.host import gpu_memory
 from ..jobs import RUNNING, Job, JobRunner
 from ..paths import OPT_MODEL_CACHE, OPT_PROJECTS_ROOT, default_model_cache, default_projects_root
 from ..studio import Studio
@@ -74,7 +74,7 @@ def _paste_to_txt2img(button, textbox) -> None:
 
 
 @contextlib.contextmanager
-def _open_host() -> Iterator:
+def _open_host(settings=None) -> Iterator:  # the WebUI's model is as the WebUI loaded it
     from .host import WebuiHost, training_session
 
     host = WebuiHost()  # loads the selected checkpoint if none is loaded yet (we hold the queue lock)
@@ -87,10 +87,12 @@ def _model_kind() -> str | None:
     would start loading one."""
     from modules import sd_models
 
+    from .host import model_kind
+
     model = sd_models.model_data.sd_model
     if model is None or getattr(model, "is_sd3", False):
         return None
-    return SDXL if getattr(model, "is_sdxl", False) else SD2 if getattr(model, "is_sd2", False) else SD1
+    return model_kind(model)
 
 
 def _lora_root() -> Path:
@@ -110,13 +112,9 @@ def _refresh_loras(files: list[Path]) -> None:
 
 
 def _gpu_memory() -> tuple[float, float] | None:
-    import torch
     from modules import devices
 
-    if devices.device.type != "cuda" or not torch.cuda.is_available():
-        return None  # --use-cpu: the card, if any, is not what trains
-    free, total = torch.cuda.mem_get_info(devices.device)
-    return free / 2**30, total / 2**30
+    return gpu_memory(devices.device)  # None with --use-cpu: the card, if any, is not what trains
 
 
 # ---- GPU jobs as WebUI jobs ----

@@ -1,0 +1,49 @@
+"""API routes of training: the project's settings, the plan (the same count the tab and the trainer
+show), and starting a run."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from ..errors import LoraMakerError
+from ..studio import Studio
+from ..training.settings import TrainSettings
+from .bodies import TrainRequest
+from .projects import existing
+
+
+def plan_answer(plan) -> dict:
+    """A `training.plan.TrainingPlan` as JSON (400 when the dataset makes no steps)."""
+    steps = plan.steps
+    if steps is None:
+        raise LoraMakerError(plan.problem)
+    return {"line": steps.render(), "images": steps.images, "steps_per_epoch": steps.steps_per_epoch,
+            "epochs": steps.epochs, "total_steps": steps.total_steps, "warmup_steps": steps.warmup_steps,
+            "buckets": plan.buckets, "warnings": plan.warnings,
+            "vram": {"model": plan.kind, "estimate_gib": round(plan.estimate.total_gib, 2),
+                     "summary": plan.estimate.summary(), "verdict": plan.verdict}}
+
+
+def add(router: APIRouter, studio: Studio) -> None:
+    @router.get("/projects/{name}/train/settings")
+    def get_settings(name: str):
+        return studio.training_settings(existing(studio, name).name).to_dict()
+
+    @router.put("/projects/{name}/train/settings")
+    def put_settings(name: str, body: dict):
+        project = existing(studio, name)
+        return studio.save_training_settings(project.name, TrainSettings.from_dict(body)).to_dict()
+
+    @router.get("/projects/{name}/train/plan")
+    def plan(name: str):
+        return plan_answer(studio.training_plan(existing(studio, name).name))
+
+    @router.post("/projects/{name}/train", status_code=202)
+    def train(name: str, body: TrainRequest | None = None):
+        body = body or TrainRequest()
+        project = existing(studio, name)
+        settings = studio.training_settings(project.name)
+        if body.settings:
+            settings = settings.replace(**body.settings)
+        settings.validate(studio.model_kind())
+        return studio.start_training(project.name, settings, resume=body.resume).snapshot()

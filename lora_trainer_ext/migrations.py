@@ -1,0 +1,48 @@
+"""A project's settings.json is versioned: each file says which version wrote it, and an older file is
+migrated step by step on load, so a project made by any earlier release opens in this one (as in
+OneTrainer's config). A stopped run's saved settings go through the same steps before resume compares
+them. Add a step when a setting is renamed or changes meaning; a new setting with a default needs none.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from .errors import LoraMakerError
+
+VERSION = 2  # what this release writes; a file without "version" is version 1
+
+
+def _rename(section: dict, old: str, new: str) -> None:
+    if isinstance(section, dict) and old in section:
+        value = section.pop(old)
+        section.setdefault(new, value)
+
+
+def _v1_to_v2(data: dict) -> None:
+    """train.lr_restarts held the number of cosine cycles (3 cycles restart twice): it is lr_cycles,
+    kohya's lr_scheduler_num_cycles."""
+    _rename(data.get("train"), "lr_restarts", "lr_cycles")
+
+
+STEPS = {1: _v1_to_v2}  # version -> the step that brings a file of that version to the next
+
+
+def migrate(data: dict, where: str = "settings.json") -> dict:
+    """`data` (a whole settings.json) brought to VERSION, as a new dict."""
+    version = data.get("version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise LoraMakerError(f"{where}: \"version\" must be a whole number from 1, got {version!r}")
+    if version > VERSION:
+        raise LoraMakerError(f"{where} was written by a newer LoRA Maker (settings version {version}; this one "
+                             f"reads up to {VERSION}): update the extension")
+    data = copy.deepcopy(data)
+    for step in range(version, VERSION):
+        STEPS[step](data)
+    data["version"] = VERSION
+    return data
+
+
+def migrate_train(section: dict, version: int, where: str) -> dict:
+    """One "train" section written at `version` (a stopped run's saved settings), brought to VERSION."""
+    return migrate({"version": version, "train": section}, where)["train"]

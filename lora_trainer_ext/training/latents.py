@@ -1,0 +1,39 @@
+"""Latents encoded once per image and orientation before the loop, kept in RAM or in files on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..hosts.host import Host
+from ..progress import Progress
+from .data import TrainData
+
+
+def cache_latents(host: Host, data: TrainData, progress: Progress, disk: Path | None = None) -> dict:
+    """Latents of every (image, flip) the run can ask for, encoded once: kept on the CPU (RAM), or
+    in `disk` files for big datasets. Returns {key: tensor or path}."""
+    keys = data.cache_keys()
+    cache: dict = {}
+    with torch.no_grad(), progress.task("caching latents", len(keys)) as task:
+        for index, flip in keys:
+            if progress.should_stop():
+                raise KeyboardInterrupt
+            pixels, _ = data.pixels(index, flip)
+            latent = host.encode_images(pixels.unsqueeze(0).to(host.device, host.dtype))[0].float().cpu()
+            if not torch.isfinite(latent).all():
+                latent = torch.nan_to_num(latent, nan=0.0, posinf=0.0, neginf=0.0)  # as sd-scripts: a fp16 VAE overflow
+            if disk is None:
+                cache[(index, flip)] = latent
+            else:
+                path = disk / f"{index:06d}{'-flip' if flip else ''}.pt"
+                torch.save(latent, path)
+                cache[(index, flip)] = path
+            task.advance()
+    return cache
+
+
+def cached(cache: dict, key) -> torch.Tensor:
+    value = cache[key]
+    return torch.serialization.load(value) if isinstance(value, Path) else value  # see state.read_state

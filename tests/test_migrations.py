@@ -1,0 +1,86 @@
+"""settings.json is versioned and migrated on load; a stopped run resumes across releases.
+
+tests/data/v1-project/v1run was written by the release before versioning (commit c59a8de): its
+settings.json has no "version" and names the cosine cycles `lr_restarts`, and it holds a run stopped
+after 3 of its 8 steps, on the tiny SD1 checkpoint `make_checkpoint` writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_hosts import make_checkpoint
+
+from lora_trainer_ext import migrations
+from lora_trainer_ext.errors import LoraMakerError
+from lora_trainer_ext.headless import standalone_studio
+from lora_trainer_ext.project import Project
+from lora_trainer_ext.training.state import state_path
+
+V1 = Path(__file__).parent / "data" / "v1-project"
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def v1(tmp_path):
+    shutil.copytree(V1, tmp_path / "projects")
+    checkpoint = make_checkpoint(tmp_path / "model", "sd1")
+    return standalone_studio(checkpoint, root=tmp_path / "projects", lora_dir=tmp_path / "lora")
+
+
+def test_a_settings_file_of_the_last_release_loads_migrated(v1):
+    project = v1.project("v1run")
+    raw = json.loads(project.settings_path.read_text(encoding="utf-8"))
+    assert "version" not in raw and raw["train"]["lr_restarts"] == 2  # as that release wrote it
+    settings = v1.training_settings("v1run")
+    assert settings.lr_cycles == 2 and settings.lr_scheduler == "cosine_with_restarts" and settings.dim == 1
+    assert project.settings()["dataset"]["activation_tags"] == ["v1char"]
+
+    v1.save_training_settings("v1run", settings.replace(epochs=5))  # written back in this release's form
+    saved = json.loads(project.settings_path.read_text(encoding="utf-8"))
+    assert saved["version"] == migrations.VERSION and "lr_restarts" not in saved["train"]
+    assert saved["train"]["lr_cycles"] == 2 and saved["train"]["epochs"] == 5
+    assert saved["dataset"] == raw["dataset"]  # other sections kept as they were
+
+
+def test_a_renamed_field_migrates_and_the_new_name_wins(tmp_path):
+    project = Project.open(tmp_path, "p", create=True)
+    project.settings_path.write_text(json.dumps({"train": {"lr_restarts": 4, "lr_cycles": 1}}), encoding="utf-8")
+    assert project.settings()["train"] == {"lr_cycles": 1}  # both present: a file edited by hand after the rename
+    project.settings_path.write_text(json.dumps({"version": 1, "train": {"lr_restarts": 4}}), encoding="utf-8")
+    assert project.settings() == {"version": migrations.VERSION, "train": {"lr_cycles": 4}}
+
+
+@pytest.mark.parametrize("version, words", [(migrations.VERSION + 1, "newer LoRA Maker"), ("2", "whole number"),
+                                            (0, "whole number"), (True, "whole number")])
+def test_a_settings_file_from_a_newer_release_or_a_bad_version_is_refused(tmp_path, version, words):
+    project = Project.open(tmp_path, "p", create=True)
+    project.settings_path.write_text(json.dumps({"version": version, "train": {}}), encoding="utf-8")
+    with pytest.raises(LoraMakerError, match=words):
+        project.settings()
+
+
+def test_a_run_stopped_by_the_last_release_resumes_in_this_one(v1):
+    assert v1.can_resume("v1run")
+    job = v1.start_training("v1run", resume=True)
+    v1.jobs.wait(180)
+    assert job.state == "done", job.error
+    assert job.result.steps == 8 and job.result.final.is_file() and not state_path(v1.project("v1run")).exists()
+
+
+def test_a_stopped_run_resumes_when_a_release_adds_a_setting_and_refuses_a_changed_one(v1):
+    v1.save_training_settings("v1run", v1.training_settings("v1run"))  # this release's names
+    path = state_path(v1.project("v1run"))
+    state = torch.load(path, weights_only=False)
+    del state["settings"]["noise_offset"]  # as written by a release before that setting existed
+    torch.save(state, path)
+
+    refused = v1.start_training("v1run", v1.training_settings("v1run").replace(unet_lr=5e-4), resume=True)
+    v1.jobs.wait(180)
+    assert refused.state == "failed" and "other settings (unet_lr)" in refused.error
+    kept = v1.start_training("v1run", v1.training_settings("v1run").replace(keep_last_n_epochs=3), resume=True)
+    v1.jobs.wait(180)
+    assert kept.state == "done" and kept.result.steps == 8, kept.error  # how many files to keep changes nothing learned
