@@ -9,12 +9,25 @@ import tempfile
 from pathlib import Path
 
 
+def _read_umask() -> int:
+    # Read once, at import: setting the umask to read it back is not safe once job threads write files.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+NEW_FILE_MODE = 0o666 & ~_read_umask()
+
+
 def write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically: a temporary file in the same folder, fsync, then rename over."""
+    """Write `data` to `path` atomically: a temporary file in the same folder, fsync, then rename over.
+    The file gets the mode a new file gets under the user's umask (mkstemp's own 0600 would lock out
+    a WebUI or ComfyUI running as another user, e.g. in Docker over a shared models folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, NEW_FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,3 +72,15 @@ def test_inside_a_webui_the_defaults_follow_its_folder_and_settings(tmp_path, mo
     assert defaults() == [webui / "lora-maker", webui / "models" / "lora-maker"]
     (webui / "config.json").write_text(json.dumps({"lora_maker_projects_root": str(tmp_path / "elsewhere")}), encoding="utf-8")
     assert defaults() == [tmp_path / "elsewhere", webui / "models" / "lora-maker"]
+
+
+def test_atomic_writes_take_the_users_umask(tmp_path):
+    """Not mkstemp's 0600: a WebUI or ComfyUI running as another user must read the LoRA files and cards."""
+    code = ("import os, sys; os.umask(0o027); from lora_trainer_ext import files; "
+            "from lora_trainer_ext.training import lora_file; p = sys.argv[1]; files.write_text(p + '/a.txt', 'x'); "
+            "lora_file.write_card(__import__('pathlib').Path(p) / 'b.safetensors', 'tag', 0.8, 'sd1')")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=Path(__file__).parent.parent,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o640

@@ -5,6 +5,8 @@ host model given back untouched, and every bad input refused before the model is
 from __future__ import annotations
 
 import csv
+import os
+import stat
 
 import pytest
 import torch
@@ -66,12 +68,17 @@ def test_sd1_run_writes_epochs_final_card_log_and_restores_the_model(dataset, ch
 
     tensors, meta = lora_file.read_lora(result.final)
     assert meta["ss_output_name"] == "demo" and meta["ss_epoch"] == "2" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["ss_mixed_precision"] == "no"  # what ran
     assert meta["ss_sd_model_name"] == checkpoints[SD1].name and meta["modelspec.trigger_phrase"] == "mychar"
     assert '"mychar": 4' in meta["ss_tag_frequency"]
     assert any(k.startswith("lora_te_") for k in tensors) and any(k.startswith("lora_unet_down_blocks_") for k in tensors)
     assert all(t.dtype == torch.float16 for t in tensors.values())
     card = lora_file.card_path(result.final).read_text(encoding="utf-8")
     assert '"activation text": "mychar"' in card and '"sd version": "SD1"' in card
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for written in (result.final, lora_file.card_path(result.final)):  # readable by a WebUI running as another user
+        assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask, written
 
     rows = list(csv.DictReader(open(result.loss_log, encoding="utf-8")))
     assert len(rows) == result.steps == 8  # (2 buckets of 2 + 2 single images) x 2 repeats / 2 = 4 per epoch
@@ -174,9 +181,11 @@ def test_an_error_mid_training_leaves_the_model_as_it_was(dataset, checkpoints, 
 @pytest.mark.parametrize("kind, version", [(SD2, "sd_v2_v"), (SDXL, "sdxl_base_v1-0")])
 def test_sd2_v_and_sdxl_locon(dataset, checkpoints, tmp_path, kind, version):
     host = load_checkpoint(checkpoints[kind])
-    result = train(dataset, host, settings(network="locon", epochs=1, resolution=64), tmp_path / "lora")
+    result = train(dataset, host, settings(network="locon", epochs=1, resolution=64, mixed_precision="fp16"),
+                   tmp_path / "lora")
     tensors, meta = lora_file.read_lora(result.final)
     assert meta["ss_base_model_version"] == version
+    assert meta["ss_mixed_precision"] == "no"  # fp16 was asked for, but autocast exists on CUDA only: fp32 ran
     assert meta["ss_network_args"] == '{"conv_dim": "2", "conv_alpha": "2.0"}'
     unet_keys = [k for k in tensors if k.startswith("lora_unet_")]
     assert any("_in_layers_2." in k or "_resnets_0_conv1." in k for k in unet_keys)  # LoCon reached the ResBlocks

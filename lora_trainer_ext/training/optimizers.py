@@ -27,9 +27,14 @@ def make_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
     raise LoraMakerError(f"unknown optimizer {name!r}")
 
 
+def precision_used(host: Host, precision: str) -> str:
+    """What a run of `precision` computes in on the host: autocast exists on CUDA only ("no" elsewhere)."""
+    return precision if host.device.type == "cuda" else "no"
+
+
 def autocast_for(host: Host, precision: str):
     """Autocast on CUDA (fp16 with loss scaling, or bf16); plain fp32 maths on the CPU."""
-    if host.device.type != "cuda" or precision == "no":
+    if precision_used(host, precision) == "no":
         return torch.autocast(host.device.type, enabled=False), None
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     scaler = None

@@ -31,7 +31,7 @@ from .data import TrainData, dataset_dirs, metadata_tag_frequency
 from .latents import cache_latents, cached
 from .model_mode import clip_skip_set, prepared_for_training, vae_off_the_gpu
 from .network import Network, NetworkConfig
-from .optimizers import autocast_for, make_optimizer
+from .optimizers import autocast_for, make_optimizer, precision_used
 from .schedules import make_scheduler
 from .settings import TrainSettings
 from .state import changed_settings, read_state, state_dir, state_path, write_state
@@ -83,7 +83,7 @@ class _Trainer:
             "total_batch_size": s.batch_size, "learning_rate": s.unet_lr, "unet_lr": s.unet_lr,
             "text_encoder_lr": s.text_encoder_lr if self.train_te else 0.0, "optimizer": s.optimizer,
             "lr_scheduler": s.lr_scheduler, "lr_warmup_steps": self.plan.warmup_steps, "max_grad_norm": s.max_grad_norm,
-            "mixed_precision": s.mixed_precision, "gradient_checkpointing": s.gradient_checkpointing,
+            "mixed_precision": precision_used(self.host, s.mixed_precision), "gradient_checkpointing": s.gradient_checkpointing,
             "cache_latents": True, "clip_skip": getattr(self.host, "clip_skip", None), "min_snr_gamma": s.min_snr_gamma or None,
             "noise_offset": s.noise_offset or None, "keep_tokens": s.keep_tokens, "flip_aug": s.flip_aug,
             "shuffle_caption": s.shuffle_tags, "caption_dropout_rate": s.caption_dropout,
