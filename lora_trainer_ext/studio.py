@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
-from .errors import Busy
+from .errors import Busy, LoraMakerError
 from .hosts.host import Host, gpu_memory
 from .jobs import Job, JobProgress, JobRunner
 from .paths import OPT_DEFAULT_PRESET, OPT_DEFAULT_TAGGER, OPT_TAG_CHARACTER_THRESHOLD, OPT_TAG_THRESHOLD
@@ -212,12 +212,17 @@ class Studio:
         return training_plan(project, settings, self.model_kind(), self.gpu_memory())
 
     def start_training(self, name: str, settings: TrainSettings | None = None, resume: bool = False,
-                       grid: bool = False) -> Job:
+                       grid: bool = False, restart: bool = False) -> Job:
         """Train project `name` (its saved settings unless `settings` are given) on the host's model;
-        with `grid`, render the default epoch x weight grid in the same job when training ends."""
+        with `grid`, render the default epoch x weight grid in the same job when training ends. A stopped
+        run is continued with `resume`, or discarded with `restart`; neither refuses to start."""
+        from .training.state import has_state
         from .training.trainer import train
 
         project = self.project(name)
+        if not resume and not restart and has_state(project):
+            raise LoraMakerError(f"{name!r} has a stopped run: resume it (Resume, --resume) or start over, which "
+                                 "discards it (Start over, --restart)")
         settings = settings if settings is not None else train_settings.load(project)
         lora_dir = self.lora_dir(name)
 

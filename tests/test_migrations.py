@@ -84,3 +84,12 @@ def test_a_stopped_run_resumes_when_a_release_adds_a_setting_and_refuses_a_chang
     kept = v1.start_training("v1run", v1.training_settings("v1run").replace(keep_last_n_epochs=3), resume=True)
     v1.jobs.wait(180)
     assert kept.state == "done" and kept.result.steps == 8, kept.error  # how many files to keep changes nothing learned
+
+
+def test_start_over_discards_the_stopped_run(v1):
+    with pytest.raises(LoraMakerError, match="has a stopped run"):
+        v1.start_training("v1run")
+    job = v1.start_training("v1run", restart=True)
+    v1.jobs.wait(180)
+    assert job.state == "done" and job.result.steps == 8, job.error  # all 8 steps: nothing was resumed
+    assert not state_path(v1.project("v1run")).exists() and v1.can_resume("v1run") is False

@@ -17,7 +17,7 @@ from test_cli import REPO, run
 from tiny_hosts import make_checkpoint
 
 from lora_trainer_ext.api import PREFIX
-from lora_trainer_ext.errors import Busy
+from lora_trainer_ext.errors import Busy, LoraMakerError
 from lora_trainer_ext.headless import standalone_studio
 from lora_trainer_ext.project import busy_message
 from lora_trainer_ext.tab import build_tab
@@ -173,3 +173,42 @@ def _form_values(settings):
     from lora_trainer_ext.tab.train_form import form_values
 
     return form_values(settings)
+
+
+def test_stop_while_caching_latents_ends_the_job_as_stopped(buckets):
+    _, checkpoint = buckets
+    root = buckets[0].projects_root()
+
+    def observe(job):
+        if job.status is not None and job.status.phase == "caching latents":
+            job.control.stop()
+
+    studio = standalone_studio(checkpoint, root=root, lora_dir=root.parent / "lora", observe=observe)
+    job = studio.start_training("buckets")
+    studio.jobs.wait(120)
+    assert job.state == "stopped" and job.error == "" and "caching latents" in job.summary, (job.state, job.error)
+    assert studio.saved_loras("buckets") == [] and not studio.project("buckets").busy_path.exists()
+
+
+def test_a_stopped_run_is_resumed_or_discarded_on_purpose_never_overwritten(buckets):
+    studio, checkpoint = buckets
+    project = studio.project("buckets")
+    state = project.path / "train" / "state.pt"
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"a stopped run")  # what a stop leaves
+    message = ("'buckets' has a stopped run: resume it (Resume, --resume) or start over, which discards it "
+               "(Start over, --restart)")
+    with pytest.raises(LoraMakerError) as refused:
+        studio.start_training("buckets")
+    assert str(refused.value) == message
+
+    blocks = build_tab(studio)
+    with pytest.raises(gr.Error) as in_tab:
+        tab_handler(blocks, "start_training")("buckets", False, *_form_values(studio.training_settings("buckets")))
+    assert in_tab.value.message == message
+    with serve(studio) as port, httpx.Client(base_url=f"http://127.0.0.1:{port}{PREFIX}", timeout=60) as api:
+        reply = api.post("/projects/buckets/train", json={})
+    assert reply.status_code == 400 and reply.json()["error"] == message
+    cli = run("train", "buckets", "--checkpoint", str(checkpoint), root=studio.projects_root())
+    assert cli.returncode == 1 and cli.stderr.strip() == f"error: {message}"
+    assert state.read_bytes() == b"a stopped run"

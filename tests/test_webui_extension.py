@@ -540,7 +540,7 @@ def test_reload_ui_keeps_the_job_and_the_tab_reattaches(webui, page, trained):
     """Reload UI runs the extension's script again and builds a new app: the Studio lives on in the
     package, so the new tab and the new routes see the same job (which the reload's interrupt stopped,
     saving it)."""
-    job = webui.ok("POST", f"{API}/projects/{PROJECT}/train", json={"settings": {"epochs": 20}})
+    job = webui.ok("POST", f"{API}/projects/{PROJECT}/train", json={"settings": {"epochs": 20}, "restart": True})
     webui.wait_training()
     page.locator("#footer a", has_text="Reload UI").click()  # the page reloads itself once the server is back
     after = webui.wait_job(lambda j: j is not None and j["id"] == job["id"] and j["state"] != "running")

@@ -31,7 +31,8 @@ checked like the WebUI's own API (`--api-auth user:password,...`).
     GET  /projects/{name}/train/plan         {line, images, steps_per_epoch, epochs, total_steps, warmup_steps,
                                               buckets, warnings, vram: {model (null: none loaded, SD1 assumed),
                                               estimate_gib, summary, verdict (null without a GPU)}}
-    POST /projects/{name}/train              {settings: {key: value} overrides for this run, resume: false}
+    POST /projects/{name}/train              {settings: {key: value} overrides for this run, resume: false,
+                                              restart: false (a stopped run is refused unless one is true)}
                                              -> 202 job
     GET  /projects/{name}/loras              [{name, size, mtime}]
     GET  /projects/{name}/grids              the saved grids, newest first: [{id, created, stopped, rendered, total,

@@ -74,6 +74,7 @@ class Caption(BaseModel):
 class TrainRequest(BaseModel):
     settings: dict = {}
     resume: bool = False
+    restart: bool = False  # start over, discarding a stopped run
 
 
 class StopRequest(BaseModel):

@@ -46,4 +46,4 @@ def add(router: APIRouter, studio: Studio) -> None:
         if body.settings:
             settings = settings.replace(**body.settings)
         settings.validate(studio.model_kind())
-        return studio.start_training(project.name, settings, resume=body.resume).snapshot()
+        return studio.start_training(project.name, settings, resume=body.resume, restart=body.restart).snapshot()

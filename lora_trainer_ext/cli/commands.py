@@ -139,11 +139,15 @@ def cmd_plan(args, studio) -> None:
 
 
 def cmd_train(args, studio) -> None:
-    job = run_job(studio, studio.start_training(args.project, _settings(args, studio), resume=args.resume))
+    job = run_job(studio, studio.start_training(args.project, _settings(args, studio), resume=args.resume,
+                                                restart=args.restart))
     result = job.result
-    say(*[f"saved {path}" for path in (result.files if result else [])])
+    if result is None:  # stopped before any step
+        say(job.summary or job.state)
+        return
+    say(*[f"saved {path}" for path in result.files])
     if job.state == STOPPED:
-        say(f"stopped after {result.steps if result else 0} steps; continue with: train {args.project} --resume")
+        say(f"stopped after {result.steps} steps; continue with: train {args.project} --resume")
     else:
         say(f"done: {result.steps} steps; loss log {result.loss_log}")
 

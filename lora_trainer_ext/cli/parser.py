@@ -127,6 +127,7 @@ def _training_commands(command) -> None:
     model_options(p, required=True)
     p.add_argument("--lora-dir", type=Path, metavar="DIR", help="where the LoRA files go (default: the WebUI's models/Lora/PROJECT, or PROJECT/output)")
     p.add_argument("--resume", action="store_true", help="continue the last stopped or interrupted run")
+    p.add_argument("--restart", action="store_true", help="start over, discarding a stopped run")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
 
 

@@ -130,6 +130,7 @@ def _side_layout(ui) -> None:
             ui.start = gr.Button("Start training", variant="primary", elem_id="lora_maker_train_start",
                                  interactive=not missing)
             ui.resume = gr.Button("Resume", visible=False, elem_id="lora_maker_train_resume")
+            ui.restart = gr.Button("Start over", visible=False, elem_id="lora_maker_train_restart")
         ui.grid = gr.Checkbox(True, label="Render a test grid when training ends (see the Test tab)",
                               elem_id="lora_maker_train_grid")
         with gr.Row():
@@ -167,11 +168,13 @@ class _Form:
             return error_html(str(e))
         return self.summary(name, settings)
 
-    def resume_button(self, name):
+    def stopped_run_buttons(self, name):
+        """Resume and Start over, shown while the project has a stopped run."""
         try:
-            return gr.Button.update(visible=bool(name) and self.studio.can_resume(name))
+            stopped = bool(name) and self.studio.can_resume(name)
         except LoraMakerError:  # the project is gone: the picker shows that
-            return gr.Button.update(visible=False)
+            stopped = False
+        return gr.Button.update(visible=stopped), gr.Button.update(visible=stopped)
 
 
 def _wire_form(ctx: TabContext, tab, ui, form: _Form) -> None:
@@ -193,7 +196,7 @@ def _wire_form(ctx: TabContext, tab, ui, form: _Form) -> None:
     @shows_errors
     def open_project(name):
         settings = studio.training_settings(name) if name else TrainSettings()
-        return [*form.shown(name, settings), where(name), form.resume_button(name), "", "", name or ""]
+        return [*form.shown(name, settings), where(name), *form.stopped_run_buttons(name), "", "", name or ""]
 
     def reopened(loaded, name, *values):
         """The tab opened: images may have come or gone since. Until the picked project's settings are in
@@ -209,14 +212,14 @@ def _wire_form(ctx: TabContext, tab, ui, form: _Form) -> None:
             field.blur(live, live_inputs, boxes, queue=False, _js=_STAMP_JS, show_progress="hidden")
     # which project's settings the form holds: set with them, so the browser never has one without the other
     loaded = gr.Textbox(visible=False, elem_id="lora_maker_train_loaded")
-    opened = [*form.outputs, ui.output, ui.resume, ui.message, ui.preset_note, loaded]
+    opened = [*form.outputs, ui.output, ui.resume, ui.restart, ui.message, ui.preset_note, loaded]
     ctx.project.change(open_project, ctx.project, opened, queue=False, show_progress="minimal")
-    ctx.job_event.change(form.resume_button, ctx.project, ui.resume, queue=False)
+    ctx.job_event.change(form.stopped_run_buttons, ctx.project, [ui.resume, ui.restart], queue=False)
     tab.select(reopened, [loaded, ctx.project, *ui.fields], boxes, queue=False, show_progress="hidden")
 
 
 def _wire_buttons(ctx: TabContext, ui, form: _Form) -> None:
-    """Presets, load/reset/save, start and resume."""
+    """Presets, load/reset/save, start, resume and start over."""
     studio = ctx.studio
 
     @shows_errors
@@ -249,22 +252,27 @@ def _wire_buttons(ctx: TabContext, ui, form: _Form) -> None:
         studio.save_training_settings(p.name, settings_from(values))
         return _notes([f"Saved to {p.settings_path}"])
 
-    def run(name, values, resume_run: bool, with_grid: bool):
+    def run(name, values, with_grid: bool, resume: bool = False, restart: bool = False):
         p = ctx.open(name)
         settings = settings_from(values)
         settings.validate(studio.model_kind())
-        studio.start_training(p.name, settings, resume=resume_run, grid=bool(with_grid))
+        studio.start_training(p.name, settings, resume=resume, grid=bool(with_grid), restart=restart)
         studio.save_training_settings(p.name, settings)  # the run's settings stay with the project (Resume uses them)
-        what = "Resumed the interrupted run" if resume_run else "Training started"
-        return _notes([f"{what} (settings saved): progress and the loss chart are above"]), gr.Button.update(visible=False)
+        what = "Resumed the interrupted run" if resume else "Training started"
+        hidden = gr.Button.update(visible=False)
+        return _notes([f"{what} (settings saved): progress and the loss chart are above"]), hidden, hidden
 
     @shows_errors
     def start_training(name, with_grid, *values):
-        return run(name, values, resume_run=False, with_grid=with_grid)
+        return run(name, values, with_grid)
 
     @shows_errors
     def resume_training(name, with_grid, *values):
-        return run(name, values, resume_run=True, with_grid=with_grid)
+        return run(name, values, with_grid, resume=True)
+
+    @shows_errors
+    def restart_training(name, with_grid, *values):
+        return run(name, values, with_grid, restart=True)
 
     # These set every input: a spinner on each would cover the whole form for a moment.
     ui.apply.click(apply_preset, [ctx.project, ui.purpose, ui.tier, *ui.fields], [*form.outputs, ui.preset_note],
@@ -272,5 +280,7 @@ def _wire_buttons(ctx: TabContext, ui, form: _Form) -> None:
     ui.load.click(load_saved, ctx.project, [*form.outputs, ui.message], queue=False, show_progress="minimal")
     ui.reset.click(reset_form, ctx.project, [*form.outputs, ui.message], queue=False, show_progress="minimal")
     ui.save.click(save_settings, [ctx.project, *ui.fields], ui.message, queue=False)
-    ui.start.click(start_training, [ctx.project, ui.grid, *ui.fields], [ui.message, ui.resume], queue=False)
-    ui.resume.click(resume_training, [ctx.project, ui.grid, *ui.fields], [ui.message, ui.resume], queue=False)
+    run_inputs, run_outputs = [ctx.project, ui.grid, *ui.fields], [ui.message, ui.resume, ui.restart]
+    ui.start.click(start_training, run_inputs, run_outputs, queue=False)
+    ui.resume.click(resume_training, run_inputs, run_outputs, queue=False)
+    ui.restart.click(restart_training, run_inputs, run_outputs, queue=False)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import Stopped
 from ..hosts.host import Host
 from ..progress import Progress
 from .data import TrainData
@@ -19,7 +20,7 @@ def cache_latents(host: Host, data: TrainData, progress: Progress, disk: Path | 
     with torch.no_grad(), progress.task("caching latents", len(keys)) as task:
         for index, flip in keys:
             if progress.should_stop():
-                raise KeyboardInterrupt
+                raise Stopped("stopped while caching latents: nothing was trained yet")
             pixels, _ = data.pixels(index, flip)
             latent = host.encode_images(pixels.unsqueeze(0).to(host.device, host.dtype))[0].float().cpu()
             if not torch.isfinite(latent).all():
