@@ -56,7 +56,10 @@ def test_sd1_run_writes_epochs_final_card_log_and_restores_the_model(dataset, ch
     host = load_checkpoint(checkpoints[SD1])
     before = parameter_fingerprint(host)
     statuses = []
+    torch.manual_seed(1234)  # the host's own random state, e.g. the WebUI's
+    rng = torch.get_rng_state()
     result = train(dataset, host, settings(), tmp_path / "lora", on_status=statuses.append)
+    assert torch.equal(torch.get_rng_state(), rng)  # training drew from generators of its own
 
     assert [p.name for p in result.files] == ["demo-000001.safetensors", "demo.safetensors"]
     assert result.final == tmp_path / "lora" / "demo.safetensors" and not result.stopped

@@ -172,10 +172,17 @@ class _Trainer:
         self.on_status(Status(phase, total_steps=self.total_steps, epochs=self.epochs, **values))
 
     def run(self, resume: bool) -> Result:
+        # The host's random number generators are its own (the WebUI's next seed -1 must stay random):
+        # the run draws from local ones, and torch's global ones are given back as they were.
+        cuda = [self.host.device] if self.host.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> Result:
         s = self.settings
-        self.session_id = random.randint(0, 2**31)
+        self.session_id = random.SystemRandom().randint(0, 2**31)
         self.lora_dir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(s.seed)  # the network's initial weights
+        torch.manual_seed(s.seed)  # the network's initial weights (lycoris draws from the global generator)
         self.status("plan", message="\n".join(filter(None, [self.plan.render(), *self.plan.warnings, self._gpu_memory()])))
         with prepared_for_training(self.host, bool(s.gradient_checkpointing)), clip_skip_set(self.host, s.clip_skip):
             self.status("caching latents")

@@ -112,9 +112,15 @@ class WebuiHost:
             "target_size_as_tuple": pairs([s.target for s in sizes]),
             "aesthetic_score": pairs([[6.0]] * len(captions)),  # read by the refiner only
         }
-        for embedder in m.conditioner.embedders:
-            embedder.ucg_rate = 0.0
-        return m.conditioner(batch)
+        embedders = list(m.conditioner.embedders)
+        rates = [embedder.ucg_rate for embedder in embedders]
+        for embedder in embedders:
+            embedder.ucg_rate = 0.0  # no random caption dropout of sgm's own: the trainer decides dropout
+        try:
+            return m.conditioner(batch)
+        finally:
+            for embedder, rate in zip(embedders, rates):
+                embedder.ucg_rate = rate
 
     def apply_model(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Any) -> torch.Tensor:
         # The WebUI's patched apply_model casts to the UNet's dtype under its autocast.
