@@ -232,11 +232,12 @@ def test_the_lora_applies_at_its_weight_and_comes_off_again(sd1, trained):
     # A trained LoRA changes the picture, at either weight. (How much is no measure of the weight: on
     # the random tiny model half the weight may move the picture as far as the full one.)
     assert distance(bare, at[1.0]) > 0.5 and distance(bare, at[0.5]) > 0.5 and distance(at[0.5], at[1.0]) > 0.5
-    # The weight is the WebUI's: each image is the bare model's with the LoRA merged in at that weight.
+    # The weight is the WebUI's: each image is the bare model's with the LoRA merged in at that weight (and
+    # the prompt the WebUI conditions on: the LoRA's tag taken out leaves the ", " before it).
     loaded = renderer.lora(trained.path)
     for weight, image in at.items():
         with merged(loaded, weight):
-            same = renderer.render(cell(weight=0, epoch=trained), TINY)
+            same = renderer.render(cell(weight=0, prompt="mychar, 1girl, red hair, ", epoch=trained), TINY)
         assert distance(same, image) < 0.1, weight
     assert parameter_fingerprint(sd1) == before
 
@@ -337,7 +338,8 @@ def test_renders_and_infotexts_match_the_webuis_txt2img(tmp_path):
 
     for case, mine, theirs, parsed in zip(CASES, ours, webui["images"], webui["parsed"]):
         reference = np.frombuffer(bytes.fromhex(theirs), dtype=np.uint8).reshape(64, 64, 3).astype(np.float64)
-        # the same picture up to float noise (a LoRA-free and a LoRA render differ by 6-8 on this model)
-        assert np.abs(pixels(mine) - reference).mean() < (0.6 if not case[-1] else 2.0), case
+        # the same picture up to float noise (a LoRA-free and a LoRA render differ by 6-8 on this model); a
+        # LoRA cell's prompt keeps the ", " before its tag, as the WebUI's does
+        assert np.abs(pixels(mine) - reference).mean() < 0.6, case
         expected = parse_infotext(mine.infotext)
         assert {k: str(parsed[k]) for k in expected} == expected, case

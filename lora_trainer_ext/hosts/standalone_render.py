@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,9 +291,11 @@ class StandaloneRenderer:
         return _SAMPLE[settings.sampler](denoise, x, sigmas)
 
     def conditioning(self, cell: Cell, settings: RenderSettings, guided: bool):
-        """The prompt's (and when guided, the negative prompt's) conditioning as one batch."""
+        """The prompt's (and when guided, the negative prompt's) conditioning as one batch. The prompt is
+        txt2img's with its <lora:...> tag taken out as the WebUI does, which leaves the ", " before it."""
         host = self.host
-        prompts = [cell.prompt, cell.negative] if guided else [cell.prompt]
+        prompt = _EXTRA_NETWORKS.sub("", cell.full_prompt())
+        prompts = [prompt, cell.negative] if guided else [prompt]
         if host.kind != SDXL:
             return host.conditioning(prompts)
         size = SizeInfo((settings.height, settings.width), (0, 0), (settings.height, settings.width))
@@ -302,6 +305,9 @@ class StandaloneRenderer:
             cond["crossattn"][1] = 0
             cond["vector"][1, :pooled] = 0
         return cond
+
+
+_EXTRA_NETWORKS = re.compile(r"<(\w+):([^>]+)>")  # the WebUI's extra_networks.re_extra_net
 
 
 def to_image(decoded: torch.Tensor):
