@@ -1,7 +1,8 @@
 """LoRA Maker's headless HTTP API: JSON routes under /lora-maker/v1/ over the same `Studio` the tab uses.
 
-Every route is a thin layer over a Studio or library call, so a request does exactly what the tab's
-button does. Long work (scrape, tag, train, grids) starts a background job and answers 202 with the job's
+Every route is a thin layer over a Studio call (reads may use the libraries' pure helpers), so a request
+does exactly what the tab's button does. The routes live by area: projects.py, dataset.py, training.py,
+grids.py; bodies.py holds the request bodies, routing.py the error answers and the auth. Long work (scrape, tag, train, grids) starts a background job and answers 202 with the job's
 snapshot at once; poll GET /job to follow it. With `credentials` every route needs HTTP Basic auth,
 checked like the WebUI's own API (`--api-auth user:password,...`).
 

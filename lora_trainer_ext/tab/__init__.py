@@ -4,6 +4,9 @@ One builder serves the WebUI (`webui/`, through `on_ui_tabs`) and the standalone
 browser tests exercise exactly what WebUI users get. Sub-tabs follow the workflow: Dataset, Train,
 Test. Above them sit the project picker and the job panel, which the page polls (javascript/
 lora_maker.js), so long jobs survive a dropped websocket and a reloaded page re-attaches to them.
+May import: the Studio and what it returns, and the libraries' pure helpers (parsing, views); every
+action goes through the Studio, so the tab refuses and reports exactly what the API and the CLI do.
+Never the WebUI's modules (the WebUI's own buttons come in through `Studio.paste_to_txt2img`).
 """
 
 from __future__ import annotations
