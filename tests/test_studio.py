@@ -212,3 +212,14 @@ def test_a_stopped_run_is_resumed_or_discarded_on_purpose_never_overwritten(buck
     cli = run("train", "buckets", "--checkpoint", str(checkpoint), root=studio.projects_root())
     assert cli.returncode == 1 and cli.stderr.strip() == f"error: {message}"
     assert state.read_bytes() == b"a stopped run"
+
+
+def test_the_plan_says_when_a_text_encoder_learning_rate_is_ignored(tmp_path):
+    studio = standalone_studio(make_checkpoint(tmp_path / "model", "sdxl"), root=tmp_path / "projects")
+    project = studio.project("xl", create=True)
+    add_image(project, "0.png", "mychar", size=(64, 64))
+    ignored = [w for w in studio.training_plan("xl").warnings if "text_encoder_lr is ignored" in w]
+    assert ignored == ["text_encoder_lr is ignored: SDXL trains the UNet only here (the file records "
+                       "text_encoder_lr 0); set it to 0 to silence this"]
+    quiet = studio.training_plan("xl", studio.training_settings("xl").replace(text_encoder_lr=0))
+    assert not any("text_encoder_lr" in w for w in quiet.warnings)
