@@ -5,6 +5,7 @@ host model given back untouched, and every bad input refused before the model is
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import stat
 
@@ -73,6 +74,9 @@ def test_sd1_run_writes_epochs_final_card_log_and_restores_the_model(dataset, ch
     assert meta["ss_output_name"] == "demo" and meta["ss_epoch"] == "2" and meta["ss_base_model_version"] == "sd_v1"
     assert meta["ss_mixed_precision"] == "no"  # what ran
     assert meta["ss_sd_model_name"] == checkpoints[SD1].name and meta["modelspec.trigger_phrase"] == "mychar"
+    data = checkpoints[SD1].read_bytes()  # kohya's two hashes of a local base model
+    assert meta["ss_new_sd_model_hash"] == hashlib.sha256(data).hexdigest()
+    assert meta["ss_sd_model_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
     assert '"mychar": 4' in meta["ss_tag_frequency"]
     assert any(k.startswith("lora_te_") for k in tensors) and any(k.startswith("lora_unet_down_blocks_") for k in tensors)
     assert all(t.dtype == torch.float16 for t in tensors.values())
@@ -189,6 +193,9 @@ def test_sd2_v_and_sdxl_locon(dataset, checkpoints, tmp_path, kind, version):
     tensors, meta = lora_file.read_lora(result.final)
     assert meta["ss_base_model_version"] == version
     assert meta["ss_mixed_precision"] == "no"  # fp16 was asked for, but autocast exists on CUDA only: fp32 ran
+    assert meta["modelspec.implementation_version"].startswith("lora-maker/")
+    assert ("modelspec.encoder_layer" in meta) == (kind != SDXL)  # no clip skip applies to SDXL's encoders
+    assert ("ss_clip_skip" in meta) == (kind != SDXL)
     assert meta["ss_network_args"] == '{"conv_dim": "2", "conv_alpha": "2.0"}'
     unet_keys = [k for k in tensors if k.startswith("lora_unet_")]
     assert any("_in_layers_2." in k or "_resnets_0_conv1." in k for k in unet_keys)  # LoCon reached the ResBlocks

@@ -45,6 +45,13 @@ def test_the_trained_lora_loads_in_the_webui(session):
     assert session["ss_sd_model_name"].endswith(".safetensors")
 
 
+def test_the_file_records_the_hashes_the_webui_knows_and_its_random_state_is_kept(session):
+    legacy, sha256, webui_legacy, webui_sha256, file_sha256 = session["model_hashes"]
+    assert legacy == webui_legacy and len(legacy) == 8  # kohya's ss_sd_model_hash
+    assert sha256 == webui_sha256 == file_sha256  # ss_new_sd_model_hash, as the WebUI computed it on load
+    assert session["torch_rng_kept"]
+
+
 def test_what_cannot_train_in_place_is_refused(session):
     assert "--lowvram" in session["lowvram_refused"]
     assert "--medvram" in session["medvram_refused"]

@@ -108,9 +108,11 @@ def main(repo: str, projects_root: str, checkpoint: str) -> dict:
         "alpha": 4, "unet_lr": 1e-3, "text_encoder_lr": 1e-4, "mixed_precision": "no", "lr_scheduler": "constant",
         "min_snr_gamma": 0})
     host = WebuiHost()
+    rng = torch.get_rng_state()
     with training_session(host):
         found["unmerged_for_training"] = parameter_fingerprint(host) == base
         result = train(project, host, settings, lora_dir, name="lm-trained")
+    rng_kept = torch.equal(torch.get_rng_state(), rng)  # the WebUI's own random state is its own
         found["weights_unchanged_after_training"] = parameter_fingerprint(host) == base
     found["files"] = [os.path.basename(p) for p in result.files]
     found["steps"] = result.steps
@@ -120,6 +122,10 @@ def main(repo: str, projects_root: str, checkpoint: str) -> dict:
     found["image_trained"] = render("a photo of a cat <lora:lm-trained:1>")
     _, meta = lora_file.read_lora(result.final)
     found["ss_sd_model_name"] = meta.get("ss_sd_model_name")
+    info = shared.sd_model.sd_checkpoint_info
+    found["model_hashes"] = [meta.get("ss_sd_model_hash"), meta.get("ss_new_sd_model_hash"), info.hash, info.sha256,
+                             hashlib.sha256(open(info.filename, "rb").read()).hexdigest()]
+    found["torch_rng_kept"] = rng_kept
     return found
 
 

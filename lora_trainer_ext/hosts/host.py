@@ -32,6 +32,8 @@ class Host(Protocol):
     parameterization: str  # "eps" or "v"
     model_name: str  # the checkpoint's file name (for ss_sd_model_name and the Lora card)
     model_hash: str  # the WebUI's short hash of the checkpoint file, "" when unknown
+    model_sha256: str  # the file's whole sha256 (kohya's ss_new_sd_model_hash), "" when unknown
+    model_legacy_hash: str  # the WebUI's old 8-digit hash (kohya's ss_sd_model_hash), "" when unknown
     device: torch.device
     dtype: torch.dtype  # the dtype of the frozen UNet weights
     unet: torch.nn.Module  # the ldm/sgm `UNetModel` (`model.diffusion_model`): names follow ldm

@@ -70,18 +70,30 @@ class StandaloneHost:
         self.device, self.dtype = device, dtype
         self.vae_dtype = next(vae.parameters()).dtype
         self.clip_skip = clip_skip
-        self._hash: str | None = None
+        self._sha256: str | None = None
 
     @property
-    def model_hash(self) -> str:
-        """The WebUI's short hash: the first 10 hex digits of the file's sha256 (computed once, on demand)."""
-        if self._hash is None:
+    def model_sha256(self) -> str:
+        """The file's sha256 (read once, on demand: a few seconds for a GB-sized checkpoint)."""
+        if self._sha256 is None:
             digest = hashlib.sha256()
             with open(self.path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     digest.update(block)
-            self._hash = digest.hexdigest()[:10]
-        return self._hash
+            self._sha256 = digest.hexdigest()
+        return self._sha256
+
+    @property
+    def model_hash(self) -> str:
+        """The WebUI's short hash: the first 10 hex digits of the file's sha256."""
+        return self.model_sha256[:10]
+
+    @property
+    def model_legacy_hash(self) -> str:
+        """The WebUI's old 8-digit hash (its sha256 of a 64 KiB window)."""
+        from ..training.lora_file import model_file_hash
+
+        return model_file_hash(self.path)
 
     def _autocast(self):
         """Frozen weights in half precision run under autocast, as the WebUI runs its model."""

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .. import __version__
 from ..errors import LoraMakerError
 from ..files import read_json, write_bytes, write_json
 from ..hosts.host import SD1, SD2, SDXL
@@ -252,8 +253,9 @@ def _modelspec(kind: str, v_pred: bool, run: Mapping[str, Any]) -> dict[str, str
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.date": datetime.datetime.fromtimestamp(stamp).isoformat(timespec="seconds"),
         "modelspec.prediction_type": "v" if v_pred else "epsilon",
+        "modelspec.implementation_version": f"lora-maker/{__version__}",  # sd-scripts writes sd-scripts/<commit>
     }
-    if run.get("clip_skip") is not None:
+    if run.get("clip_skip") is not None and kind != SDXL:  # SDXL's encoders use their config's layers
         spec["modelspec.encoder_layer"] = str(run["clip_skip"])
     if run.get("trigger_phrase"):
         tags = run["trigger_phrase"]

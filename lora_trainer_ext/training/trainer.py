@@ -77,6 +77,7 @@ class _Trainer:
         return {
             "output_name": self.name, "session_id": self.session_id, "training_started_at": self.started_at,
             "training_finished_at": time.time(), "sd_model_name": self.host.model_name,
+            "sd_model_hash": self.host.model_legacy_hash or None, "new_sd_model_hash": self.host.model_sha256 or None,
             "seed": s.seed, "num_epochs": self.epochs, "epoch": epoch,
             "steps": step, "max_train_steps": self.total_steps, "num_batches_per_epoch": self.plan.steps_per_epoch,
             "num_train_images": len(self.data.items) * s.repeats, "batch_size_per_device": s.batch_size,
@@ -84,7 +85,7 @@ class _Trainer:
             "text_encoder_lr": s.text_encoder_lr if self.train_te else 0.0, "optimizer": s.optimizer,
             "lr_scheduler": s.lr_scheduler, "lr_warmup_steps": self.plan.warmup_steps, "max_grad_norm": s.max_grad_norm,
             "mixed_precision": precision_used(self.host, s.mixed_precision), "gradient_checkpointing": s.gradient_checkpointing,
-            "cache_latents": True, "clip_skip": getattr(self.host, "clip_skip", None), "min_snr_gamma": s.min_snr_gamma or None,
+            "cache_latents": True, "clip_skip": getattr(self.host, "clip_skip", None) if self.host.kind != "sdxl" else None, "min_snr_gamma": s.min_snr_gamma or None,
             "noise_offset": s.noise_offset or None, "keep_tokens": s.keep_tokens, "flip_aug": s.flip_aug,
             "shuffle_caption": s.shuffle_tags, "caption_dropout_rate": s.caption_dropout,
             "caption_tag_dropout_rate": s.tag_dropout, "enable_bucket": s.buckets, "min_bucket_reso": s.min_bucket,

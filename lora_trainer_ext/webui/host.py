@@ -67,7 +67,11 @@ class WebuiHost:
         self.parameterization = getattr(m, "parameterization", "eps")
         info = getattr(m, "sd_checkpoint_info", None)
         self.model_name = Path(info.filename).name if info is not None else "unknown"
+        # The hashes the WebUI already knows (never a second read of the file): its sha256 only once it
+        # computed it (it does on load unless --no-hashing), the old 8-digit one always.
         self.model_hash = (getattr(info, "shorthash", None) or "") if info is not None else ""
+        self.model_sha256 = (getattr(info, "sha256", None) or "") if info is not None else ""
+        self.model_legacy_hash = (getattr(info, "hash", None) or "") if info is not None else ""
         self.device = devices.device
         self.unet = m.model.diffusion_model
         self.dtype = next(self.unet.parameters()).dtype
