@@ -112,8 +112,8 @@ def main(repo: str, projects_root: str, checkpoint: str) -> dict:
     with training_session(host):
         found["unmerged_for_training"] = parameter_fingerprint(host) == base
         result = train(project, host, settings, lora_dir, name="lm-trained")
-    rng_kept = torch.equal(torch.get_rng_state(), rng)  # the WebUI's own random state is its own
         found["weights_unchanged_after_training"] = parameter_fingerprint(host) == base
+    rng_kept = torch.equal(torch.get_rng_state(), rng)  # the WebUI's own random state is its own
     found["files"] = [os.path.basename(p) for p in result.files]
     found["steps"] = result.steps
     found["forwards_restored"] = all("forward" not in m.__dict__ for m in host.unet.modules())
