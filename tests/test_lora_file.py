@@ -335,7 +335,9 @@ def test_metadata(kind, parameterization, locon, version, architecture, implemen
     assert meta["modelspec.architecture"] == architecture
     assert meta["modelspec.implementation"] == implementation
     assert meta["modelspec.prediction_type"] == ("v" if parameterization == "v" else "epsilon")
-    assert (meta["modelspec.title"], meta["modelspec.resolution"], meta["modelspec.encoder_layer"]) == ("demo", "512x512", "2")
+    assert (meta["modelspec.title"], meta["modelspec.resolution"]) == ("demo", "512x512")
+    assert meta.get("modelspec.encoder_layer") == (None if kind == SDXL else "2")  # no clip skip applies to SDXL
+    assert meta["modelspec.implementation_version"].startswith("lora-maker/")
     assert meta["modelspec.trigger_phrase"] == "demo"
     assert meta["modelspec.date"].startswith("2023-11-1")
 
