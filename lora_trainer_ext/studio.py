@@ -224,10 +224,11 @@ class Studio:
         from .training.trainer import train
 
         project = self.project(name)
+        settings = settings if settings is not None else train_settings.load(project)
+        settings.validate(self.model_kind())  # refused now, not as a failed job
         if not resume and not restart and has_state(project):
             raise LoraMakerError(f"{name!r} has a stopped run: resume it (Resume, --resume) or start over, which "
                                  "discards it (Start over, --restart)")
-        settings = settings if settings is not None else train_settings.load(project)
         lora_dir = self.lora_dir(name)
 
         def work(control, on_status):

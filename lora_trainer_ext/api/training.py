@@ -45,5 +45,4 @@ def add(router: APIRouter, studio: Studio) -> None:
         settings = studio.training_settings(project.name)
         if body.settings:
             settings = settings.replace(**body.settings)
-        settings.validate(studio.model_kind())
         return studio.start_training(project.name, settings, resume=body.resume, restart=body.restart).snapshot()

@@ -38,8 +38,11 @@ def _studio(args):
     from ..headless import standalone_studio
     from .watch import Watch
 
-    lora_dir = getattr(args, "lora_dir", None)
+    serving = args.command == "ui"  # the page shows the jobs; `train --lora-dir` is the project's own folder,
+    lora_dir = getattr(args, "lora_dir", None)  # `ui --lora-dir` holds a folder per project
+    if lora_dir and not serving:
+        lora_dir = (lambda folder: lambda name: folder)(lora_dir)
     return standalone_studio(getattr(args, "checkpoint", None), root=args.root or default_projects_root(),
-                             lora_dir=(lambda name: lora_dir) if lora_dir and args.command != "ui" else None,
-                             model_cache=getattr(args, "model_cache", None), device=getattr(args, "device", None),
-                             config=getattr(args, "model_config", None), observe=Watch())
+                             lora_dir=lora_dir, model_cache=getattr(args, "model_cache", None),
+                             device=getattr(args, "device", None), config=getattr(args, "model_config", None),
+                             observe=None if serving else Watch())

@@ -173,14 +173,11 @@ def cmd_trash(args, studio) -> None:
 def cmd_ui(args, studio) -> None:
     from ..api import parse_api_auth
     from ..app import launch
-    from ..headless import standalone_studio
 
     credentials = parse_api_auth(args.auth)
     if args.listen and not credentials:
         raise LoraMakerError("--listen serves the tab to the whole network: add --auth USER:PASS")
-    served = standalone_studio(args.checkpoint, root=studio.projects_root(), lora_dir=args.lora_dir,
-                               model_cache=args.model_cache, device=args.device)
-    launch(served, host="0.0.0.0" if args.listen else "127.0.0.1", port=args.port, credentials=credentials)
+    launch(studio, host="0.0.0.0" if args.listen else "127.0.0.1", port=args.port, credentials=credentials)
 
 
 def cmd_bench(args, studio) -> None:

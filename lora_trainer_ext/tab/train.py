@@ -255,7 +255,6 @@ def _wire_buttons(ctx: TabContext, ui, form: _Form) -> None:
     def run(name, values, with_grid: bool, resume: bool = False, restart: bool = False):
         p = ctx.open(name)
         settings = settings_from(values)
-        settings.validate(studio.model_kind())
         studio.start_training(p.name, settings, resume=resume, grid=bool(with_grid), restart=restart)
         studio.save_training_settings(p.name, settings)  # the run's settings stay with the project (Resume uses them)
         what = "Resumed the interrupted run" if resume else "Training started"
