@@ -10,7 +10,7 @@ import copy
 
 from .errors import LoraMakerError
 
-VERSION = 2  # what this release writes; a file without "version" is version 1
+VERSION = 3  # what this release writes; a file without "version" is version 1
 
 
 def _rename(section: dict, old: str, new: str) -> None:
@@ -25,7 +25,15 @@ def _v1_to_v2(data: dict) -> None:
     _rename(data.get("train"), "lr_restarts", "lr_cycles")
 
 
-STEPS = {1: _v1_to_v2}  # version -> the step that brings a file of that version to the next
+def _v2_to_v3(data: dict) -> None:
+    """keep_last_n_epochs defaulted to 10, which deleted epochs the default grid (every epoch) renders:
+    the default is now 0 (keep all), and a file that holds the old default gets the new one."""
+    train = data.get("train")
+    if isinstance(train, dict) and train.get("keep_last_n_epochs") == 10:
+        train["keep_last_n_epochs"] = 0
+
+
+STEPS = {1: _v1_to_v2, 2: _v2_to_v3}  # version -> the step that brings a file of that version to the next
 
 
 def migrate(data: dict, where: str = "settings.json") -> dict:

@@ -48,6 +48,8 @@ class Studio:
     render_defaults: Callable[[], Any] | None = None
     # Binds a "Send to txt2img" button to a textbox holding an infotext (the WebUI's paste buttons).
     paste_to_txt2img: Callable[[Any, Any], None] | None = None
+    # Why this host can neither train nor render grids (a part of the WebUI they rely on is gone), or None.
+    host_problem: Callable[[], str | None] = lambda: None
     last_project: str | None = None  # the project picked last, shown again when the page is reloaded
 
     # ---- projects ----
@@ -223,6 +225,7 @@ class Studio:
         from .training.state import has_state
         from .training.trainer import train
 
+        self._refuse_host_problem()
         project = self.project(name)
         settings = settings if settings is not None else train_settings.load(project)
         settings.validate(self.model_kind())  # refused now, not as a failed job
@@ -265,10 +268,16 @@ class Studio:
     def start_grid(self, name: str, plan=None) -> Job:
         """Render project `name`'s grid (`plan` from `grid_plan`, by default its default plan), scored
         with the default tagger when it can be loaded."""
+        self._refuse_host_problem()
         project = self.project(name)
         plan = plan or self.grid_plan(name)
         return self._start(f"grid {name}", project, lambda control, on_status: self._render_grid(
             project, plan, control, on_status), kind="grid")
+
+    def _refuse_host_problem(self) -> None:
+        problem = self.host_problem()
+        if problem:
+            raise LoraMakerError(problem)
 
     def _start(self, title: str, project: Project, work, kind: str, gpu: bool = True) -> Job:
         """Start `work` as the one job, holding `project`'s claim while it runs (Busy when a job of

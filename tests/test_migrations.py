@@ -37,6 +37,7 @@ def test_a_settings_file_of_the_last_release_loads_migrated(v1):
     assert "version" not in raw and raw["train"]["lr_restarts"] == 2  # as that release wrote it
     settings = v1.training_settings("v1run")
     assert settings.lr_cycles == 2 and settings.lr_scheduler == "cosine_with_restarts" and settings.dim == 1
+    assert raw["train"]["keep_last_n_epochs"] == 10 and settings.keep_last_n_epochs == 0  # the old default: keep all
     assert project.settings()["dataset"]["activation_tags"] == ["v1char"]
 
     v1.save_training_settings("v1run", settings.replace(epochs=5))  # written back in this release's form
@@ -52,6 +53,14 @@ def test_a_renamed_field_migrates_and_the_new_name_wins(tmp_path):
     assert project.settings()["train"] == {"lr_cycles": 1}  # both present: a file edited by hand after the rename
     project.settings_path.write_text(json.dumps({"version": 1, "train": {"lr_restarts": 4}}), encoding="utf-8")
     assert project.settings() == {"version": migrations.VERSION, "train": {"lr_cycles": 4}}
+
+
+def test_the_old_keep_last_n_epochs_default_becomes_keep_all_and_a_chosen_value_stays(tmp_path):
+    project = Project.open(tmp_path, "p", create=True)
+    for kept, expected in ((10, 0), (3, 3), (0, 0)):
+        project.settings_path.write_text(json.dumps({"version": 2, "train": {"keep_last_n_epochs": kept}}),
+                                         encoding="utf-8")
+        assert project.settings()["train"]["keep_last_n_epochs"] == expected
 
 
 @pytest.mark.parametrize("version, words", [(migrations.VERSION + 1, "newer LoRA Maker"), ("2", "whole number"),

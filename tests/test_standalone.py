@@ -16,7 +16,7 @@ from tiny_hosts import checkpoints_of_every_kind, hf_to_openclip, make_checkpoin
 from lora_trainer_ext.errors import LoraMakerError
 from lora_trainer_ext.hosts.host import SD1, SD2, SDXL, SizeInfo
 from lora_trainer_ext.hosts.models import openclip_to_hf
-from lora_trainer_ext.hosts.prompt import CHUNK_LENGTH, split_chunks, unescape
+from lora_trainer_ext.hosts.prompt import BREAK, CHUNK_LENGTH, parse_weights, split_chunks
 from lora_trainer_ext.hosts.standalone import guess_v_prediction, load_checkpoint
 
 pytestmark = pytest.mark.timeout(120)
@@ -199,7 +199,36 @@ def test_chunks_break_after_a_nearby_comma_like_the_webui():
     assert split_chunks([], comma) == [[]]
     assert sum(split_chunks(list(range(300)), None), []) == list(range(300))
     assert max(len(c) for c in split_chunks(list(range(300)), None)) == CHUNK_LENGTH
-    assert unescape(r"hat \(blue\), \[x\]") == "hat (blue), [x]"
+    assert [len(c) for c in split_chunks([1, 2, BREAK, 3], comma)] == [2, 1]  # BREAK ends the chunk
+    assert [len(c) for c in split_chunks([BREAK, 3], comma)] == [0, 1]  # even an empty one, as the WebUI
+    assert [len(c) for c in split_chunks([1] * 75 + [BREAK, 3], comma)] == [75, 1]  # the full chunk was the one it ends
+
+
+def test_emphasis_and_break_parse_like_the_webui():
+    # The WebUI's own examples (prompt_parser.parse_prompt_attention's docstring).
+    assert parse_weights("normal text") == [("normal text", 1.0)]
+    assert parse_weights("an (important) word") == [("an ", 1.0), ("important", 1.1), (" word", 1.0)]
+    assert parse_weights("(unbalanced") == [("unbalanced", 1.1)]
+    assert parse_weights(r"\(literal\]") == [("(literal]", 1.0)]
+    assert parse_weights("(unnecessary)(parens)") == [("unnecessaryparens", 1.1)]
+    assert parse_weights("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).") == [
+        ("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+        (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]  # to the last bit: the same products
+    assert parse_weights("mychar, smile BREAK hat") == [("mychar, smile", 1.0), (BREAK, -1), ("hat", 1.0)]
+    assert parse_weights("(a BREAK b)")[1] == ("BREAK", -1.1)  # inside brackets it is a word, as in the WebUI
+    assert parse_weights("x:1.5), BREAKfast") == [("x:1.5), BREAKfast", 1.0)]
+    assert parse_weights("") == [("", 1.0)]
+
+
+def test_weighted_captions_change_only_their_tokens_before_the_rescale(hosts):
+    host = hosts[SD1]
+    plain, weighted = host.conditioning(["mychar, smile, red hair"]), host.conditioning(["mychar, (smile:1.5), red hair"])
+    assert plain.shape == weighted.shape and not torch.allclose(plain, weighted)
+    torch.testing.assert_close(weighted.mean(), plain.mean())  # the WebUI's "Original" keeps the mean
+    escaped = host.conditioning([r"mychar, \(smile\), red hair"])
+    assert not torch.allclose(escaped, plain) and not torch.allclose(escaped, weighted)  # literal brackets
+    assert host.conditioning(["mychar BREAK smile"]).shape == (1, 154, 32)
+    torch.testing.assert_close(host.conditioning(["cat", "mychar, smile, red hair"])[1:], plain)  # no weights, no rescale
 
 
 # ------------------------------------------------------------------------------ VAE, UNet, schedule

@@ -22,7 +22,7 @@ def test_defaults_are_the_guides():
     assert (s.unet_lr, s.text_encoder_lr) == (5e-4, 1e-4)
     assert (s.lr_scheduler, s.lr_cycles, s.warmup_ratio) == ("cosine_with_restarts", 3, 0.05)
     assert (s.network, s.dim, s.alpha, s.conv_dim, s.conv_alpha) == ("lora", 16, 8, 8, 4)
-    assert (s.repeats, s.epochs, s.batch_size, s.save_every_n_epochs, s.keep_last_n_epochs) == (10, 10, 2, 1, 10)
+    assert (s.repeats, s.epochs, s.batch_size, s.save_every_n_epochs, s.keep_last_n_epochs) == (10, 10, 2, 1, 0)
     assert (s.buckets, s.bucket_step, s.min_bucket, s.shuffle_tags, s.max_grad_norm) == (True, 64, 256, True, 1.0)
     assert s.validate() == []
 
@@ -170,6 +170,18 @@ def test_too_many_or_too_few_steps_say_which_way_to_go():
     few = step_arithmetic(5, TrainSettings(repeats=1, epochs=10, batch_size=2))
     assert few.steps_per_epoch == 3 and few.total_steps == 30  # a part-filled batch is still a step
     assert len(few.warnings) == 1 and "raise repeats or epochs" in few.warnings[0]
+
+
+def test_every_epoch_the_default_grid_renders_is_kept_and_pruning_is_said():
+    from lora_trainer_ext.training import presets
+
+    style = presets.apply_preset(TrainSettings(), "style", 12, SD1, images=60)
+    assert style.epochs > 10 and style.keep_last_n_epochs == 0  # the grid's default compares every epoch
+    plan = step_arithmetic(20, TrainSettings(epochs=6, keep_last_n_epochs=3))
+    assert plan.warnings == ["keep_last_n_epochs=3 deletes the first 2 of 5 epoch files as training goes on: the "
+                             "grid can compare only the rest (0 keeps them all)"]  # epoch 6 is the final file
+    assert step_arithmetic(20, TrainSettings(epochs=6, keep_last_n_epochs=5)).warnings == []
+    assert step_arithmetic(20, TrainSettings(epochs=6, keep_last_n_epochs=3, save_every_n_epochs=2)).warnings == []
 
 
 def test_warmup_follows_the_scheduler():

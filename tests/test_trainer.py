@@ -8,6 +8,7 @@ import csv
 import hashlib
 import os
 import stat
+import weakref
 
 import pytest
 import torch
@@ -183,6 +184,40 @@ def test_an_error_mid_training_leaves_the_model_as_it_was(dataset, checkpoints, 
     assert parameter_fingerprint(host) == before
     assert [(n, m.checkpoint) for n, m in host.unet.named_modules() if hasattr(m, "checkpoint")] == flags
     assert all("forward" not in m.__dict__ for m in host.unet.modules())
+
+
+def test_out_of_memory_frees_the_failed_step_before_the_host_is_put_back(dataset, checkpoints, tmp_path,
+                                                                         monkeypatch):
+    host = load_checkpoint(checkpoints[SD1])
+    before = parameter_fingerprint(host)
+    grads = [p.requires_grad for p in host.unet.parameters()]
+    modes = [m.training for m in host.unet.modules()]
+    rng = torch.get_rng_state()
+    failed, freed_when_restored = [], []
+    real_apply_model = host.apply_model
+
+    def apply_model(latents, timesteps, cond):  # CUDA runs out of memory in the third step's forward
+        prediction = real_apply_model(latents, timesteps, cond)
+        failed.append(weakref.ref(prediction))
+        if len(failed) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return prediction
+
+    real_detach = Network.detach
+
+    def detach(network):  # the first of the host's things put back once the loop has failed
+        freed_when_restored.append(failed[-1]() is None)
+        real_detach(network)
+
+    host.apply_model = apply_model
+    monkeypatch.setattr(Network, "detach", detach)
+    with pytest.raises(LoraMakerError, match="out of GPU memory: try batch_size=1") as error:
+        train(dataset, host, settings(), tmp_path / "lora")
+    assert freed_when_restored == [True]  # the failed step's tensors were gone before anything was put back
+    assert error.value.__context__ is None and error.value.__cause__ is None  # nothing holds the failed frames
+    assert parameter_fingerprint(host) == before
+    assert [p.requires_grad for p in host.unet.parameters()] == grads and [m.training for m in host.unet.modules()] == modes
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 @pytest.mark.parametrize("kind, version", [(SD2, "sd_v2_v"), (SDXL, "sdxl_base_v1-0")])

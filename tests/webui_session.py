@@ -48,7 +48,48 @@ def refresh_loras() -> None:
     networks.list_available_networks()
 
 
-def main(repo: str, projects_root: str, checkpoint: str) -> dict:
+# Captions whose conditioning must be the same on both hosts (tests/test_webui_host.py computes ours):
+# emphasis, nesting, escapes, unbalanced brackets, BREAK, a caption past 75 tokens, in one batch.
+PARITY_CAPTIONS = [
+    "mychar, (smile:1.2), [red hair], ((blue eyes)), \\(literal\\) tag BREAK outdoors, sky",
+    "BREAK a photo of a (cat, (dog:0.7)) with (unbalanced",
+    ", ".join(["1girl", "solo", "(long hair:1.3)", "red eyes", "looking at viewer", "smile", "dress"] * 9),
+]
+
+
+def broken_names(found: dict) -> None:
+    """A WebUI without a name LoRA Maker relies on: the check names it, the tab says so and keeps training
+    and grids off, and the Studio refuses to start either."""
+    import gradio as gr
+    import networks
+
+    from lora_trainer_ext.errors import LoraMakerError
+    from lora_trainer_ext.tab import build_tab
+    from lora_trainer_ext.webui import compat, studio
+
+    found["host_problem"] = compat.host_problem()
+    saved = networks.network_apply_weights
+    del networks.network_apply_weights  # as a WebUI that renamed it would have it
+    compat.host_problem.cache_clear()
+    try:
+        problem = compat.host_problem()
+        found["problem_when_renamed"] = problem
+        tab = build_tab(studio._build())
+        shown = {c.elem_id: c for c in tab.blocks.values() if isinstance(c, (gr.HTML, gr.Button))}
+        found["tab_shows"] = shown["lora_maker_host_problem"].value
+        found["start_buttons_interactive"] = [shown[i].interactive for i in ("lora_maker_train_start",
+                                                                               "lora_maker_test_render")]
+        try:
+            studio._build().start_training("anything")
+            found["studio_refused"] = ""
+        except LoraMakerError as e:
+            found["studio_refused"] = str(e)
+    finally:
+        networks.network_apply_weights = saved
+        compat.host_problem.cache_clear()
+
+
+def main(repo: str, projects_root: str, checkpoint: str, out_dir: str) -> dict:
     sd_model = start_webui(checkpoint)
     sys.path.insert(0, repo)
     import torch
@@ -70,6 +111,10 @@ def main(repo: str, projects_root: str, checkpoint: str) -> dict:
     host = WebuiHost()
     found["kind"] = host.kind
     base = parameter_fingerprint(host)
+    from safetensors.torch import save_file
+
+    save_file({"cond": host.conditioning(PARITY_CAPTIONS).contiguous()}, os.path.join(out_dir, "conditioning.safetensors"))
+    broken_names(found)
     found["image_base"] = render("a photo of a cat")
 
     # A LoRA the user had in a prompt is merged into the weights in place.
@@ -109,11 +154,25 @@ def main(repo: str, projects_root: str, checkpoint: str) -> dict:
         "min_snr_gamma": 0})
     host = WebuiHost()
     rng = torch.get_rng_state()
+    # Token merging left patched in (by an extension; a generation removes its own): out for the run only.
+    sd_models.apply_token_merging(sd_model, 0.5)
+    tome_blocks = [m for m in host.unet.modules() if type(m).__name__ == "ToMeBlock"]
+    found["tome_patched_before"] = len(tome_blocks)
+    tome_in_training = set()
+
+    def watch(status):
+        if status.phase == "training":
+            tome_in_training.add(sum(type(m).__name__ == "ToMeBlock" for m in host.unet.modules()))
+
     with training_session(host):
         found["unmerged_for_training"] = parameter_fingerprint(host) == base
-        result = train(project, host, settings, lora_dir, name="lm-trained")
+        result = train(project, host, settings, lora_dir, name="lm-trained", on_status=watch)
         found["weights_unchanged_after_training"] = parameter_fingerprint(host) == base
     rng_kept = torch.equal(torch.get_rng_state(), rng)  # the WebUI's own random state is its own
+    found["tome_in_training"] = sorted(tome_in_training)
+    found["tome_after"] = [getattr(sd_model, "applied_token_merged_ratio", 0),
+                           sum(type(m).__name__ == "ToMeBlock" for m in host.unet.modules())]
+    sd_models.apply_token_merging(sd_model, 0)
     found["files"] = [os.path.basename(p) for p in result.files]
     found["steps"] = result.steps
     found["forwards_restored"] = all("forward" not in m.__dict__ for m in host.unet.modules())
@@ -131,6 +190,6 @@ def main(repo: str, projects_root: str, checkpoint: str) -> dict:
 
 if __name__ == "__main__":
     repo, projects, checkpoint, result = sys.argv[1:5]  # read first: starting the WebUI replaces sys.argv
-    found = main(repo, projects, checkpoint)
+    found = main(repo, projects, checkpoint, os.path.dirname(result))
     with open(result, "w", encoding="utf-8") as f:  # a file: the WebUI takes over stdout's buffering
         json.dump(found, f)

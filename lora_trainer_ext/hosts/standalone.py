@@ -122,9 +122,9 @@ class StandaloneHost:
             self.readers[0].layer = -int(self.clip_skip)
         captions = list(captions)
         chunks = self.tokenizer.chunks(captions)
-        eos = self.tokenizer.eos
+        eos, weights = self.tokenizer.eos, self.tokenizer.weights(chunks, self.device)
         with self._autocast():
-            outputs = [reader.encode(self.tokenizer.ids(chunks, reader.pad_id(eos), self.device), eos)
+            outputs = [reader.encode(self.tokenizer.ids(chunks, reader.pad_id(eos), self.device), eos, weights)
                        for reader in self.readers]
         if self.kind != SDXL:
             return outputs[0][0]

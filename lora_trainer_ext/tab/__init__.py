@@ -11,6 +11,8 @@ Never the WebUI's modules (the WebUI's own buttons come in through `Studio.paste
 
 from __future__ import annotations
 
+import html
+
 from ..studio import Studio
 from .context import TabContext
 
@@ -22,6 +24,9 @@ def build_tab(studio: Studio):
     from . import dataset, evaluate, job_panel, projects, train
 
     with gr.Blocks(analytics_enabled=False) as blocks:
+        problem = studio.host_problem()
+        if problem:  # training and grids are off (their buttons too), the dataset work is not
+            gr.HTML(f'<p class="lora-maker-error">{html.escape(problem)}</p>', elem_id="lora_maker_host_problem")
         project = projects.build(studio, blocks)
         job_event = job_panel.build(studio, blocks)
         ctx = TabContext(studio, project, job_event)

@@ -73,7 +73,7 @@ def extra_prompts(text: str, first: int) -> list[tuple[str, str]]:
 def build(ctx: TabContext, tab) -> None:
     defaults = (ctx.studio.render_defaults() if ctx.studio.render_defaults else None) or RenderSettings()
     ui = SimpleNamespace()
-    _settings_layout(ui, defaults)
+    _settings_layout(ui, defaults, not ctx.studio.host_problem())
     _results_layout(ui, ctx.studio)
     view = _View(ctx)
     _wire_browsing(ctx, tab, ui, view)
@@ -81,7 +81,7 @@ def build(ctx: TabContext, tab) -> None:
     _wire_rendering(ctx, ui, defaults)
 
 
-def _settings_layout(ui, defaults: RenderSettings) -> None:
+def _settings_layout(ui, defaults: RenderSettings, can_render: bool) -> None:
     with gr.Accordion("Grid settings", open=True, elem_id="lora_maker_test_settings"):
         with gr.Row():
             ui.mode = gr.Radio(list(EPOCH_MODES), value="all", label="Epochs", elem_id="lora_maker_test_epoch_mode",
@@ -120,7 +120,7 @@ def _settings_layout(ui, defaults: RenderSettings) -> None:
                                   min_width=80)
         with gr.Row(elem_id="lora_maker_test_render_row"):
             ui.start = gr.Button("Render grid", variant="primary", elem_id="lora_maker_test_render", scale=0,
-                                 min_width=160)
+                                 min_width=160, interactive=can_render)
             ui.reset_prompts = gr.Button("Default prompts", size="sm", elem_id="lora_maker_test_default_prompts",
                                          scale=0, min_width=140)
             ui.message = gr.HTML(elem_id="lora_maker_test_message")

@@ -86,7 +86,7 @@ def build(ctx: TabContext, tab) -> None:
     _preset_layout(ui, ctx.studio)
     with gr.Row(equal_height=False, elem_id="lora_maker_train_main"):
         _form_layout(ui)
-        _side_layout(ui)
+        _side_layout(ui, ctx.studio)
     form = _Form(ctx, ui)
     _wire_form(ctx, tab, ui, form)
     _wire_buttons(ctx, ui, form)
@@ -119,7 +119,7 @@ def _form_layout(ui) -> None:
     ui.fields = [inputs[key] for key in KEYS]
 
 
-def _side_layout(ui) -> None:
+def _side_layout(ui, studio) -> None:
     # Buttons first: the live boxes below them change height as the user types, and must not
     # move a button between the press and the release of a click.
     with gr.Column(scale=2, min_width=320, elem_id="lora_maker_train_side"):
@@ -128,7 +128,7 @@ def _side_layout(ui) -> None:
             gr.HTML(f'<p class="lora-maker-error">{html.escape(missing)}</p>', elem_id="lora_maker_train_missing")
         with gr.Row():
             ui.start = gr.Button("Start training", variant="primary", elem_id="lora_maker_train_start",
-                                 interactive=not missing)
+                                 interactive=not (missing or studio.host_problem()))
             ui.resume = gr.Button("Resume", visible=False, elem_id="lora_maker_train_resume")
             ui.restart = gr.Button("Start over", visible=False, elem_id="lora_maker_train_restart")
         ui.grid = gr.Checkbox(True, label="Render a test grid when training ends (see the Test tab)",

@@ -127,6 +127,6 @@ def vae_off_the_gpu(host: Host):
     finally:
         import gc
 
-        gc.collect()  # after an out-of-memory error, free what the failed step held before moving back
+        gc.collect()  # what an error left behind (the trainer frees an out-of-memory step's tensors first)
         torch.cuda.empty_cache()
         vae.to(device)

@@ -80,6 +80,11 @@ def step_arithmetic(images: int, settings: TrainSettings, bucket_sizes: list[int
         warnings.append(
             f"{total} steps is above the guide's {low}-{high}: lower {knobs} (or raise batch_size) to avoid overcooking"
         )
+    saved = (epochs - 1) // settings.save_every_n_epochs if settings.save_every_n_epochs else 0  # before the last
+    if settings.keep_last_n_epochs and saved > settings.keep_last_n_epochs:
+        warnings.append(f"keep_last_n_epochs={settings.keep_last_n_epochs} deletes the first "
+                        f"{saved - settings.keep_last_n_epochs} of {saved} epoch files as training goes on: the grid "
+                        "can compare only the rest (0 keeps them all)")
     return StepPlan(
         images, settings.repeats, settings.batch_size, epochs, per_epoch, total, warmup, settings.max_steps, warnings
     )

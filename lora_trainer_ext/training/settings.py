@@ -57,7 +57,7 @@ class TrainSettings:
     max_steps: int | None = None  # train exactly this many steps instead of a number of epochs
     batch_size: int = 2  # images per step (all of one bucket)
     save_every_n_epochs: int = 1  # save an epoch's LoRA every N epochs to compare them later; 0: only the final one
-    keep_last_n_epochs: int = 10  # keep only the newest N epoch files; 0: keep all
+    keep_last_n_epochs: int = 0  # keep only the newest N epoch files; 0: keep all (the grid compares every epoch)
     # -- learning --
     unet_lr: float = 5e-4  # UNet learning rate (1e-4 to 2e-4 to "cook slowly")
     text_encoder_lr: float = 1e-4  # text encoder learning rate, 1/2 to 1/5 of the UNet's; 0: UNet only

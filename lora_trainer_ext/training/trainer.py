@@ -156,7 +156,9 @@ class _Trainer:
 
     def _out_of_memory(self) -> str:
         s = self.settings
-        peak = torch.cuda.max_memory_allocated(self.host.device) / 2**30
+        facts = [self._gpu_memory()]
+        if self.host.device.type == "cuda":
+            facts.insert(0, f"peak {torch.cuda.max_memory_allocated(self.host.device) / 2**30:.1f} GB")
         advice = [f"batch_size={max(1, s.batch_size // 2)}"]
         if not s.gradient_checkpointing:
             advice.append("gradient_checkpointing=true")
@@ -164,7 +166,8 @@ class _Trainer:
             advice.append(f"resolution={s.resolution - 256}")
         if s.optimizer == "AdamW":
             advice.append("optimizer=AdamW8bit")
-        return (f"out of GPU memory (peak {peak:.1f} GB; {self._gpu_memory()}): try " + ", ".join(advice)
+        known = "; ".join(filter(None, facts))
+        return (f"out of GPU memory{f' ({known})' if known else ''}: try " + ", ".join(advice)
                 + ", or close other programs using the GPU")
 
     def status(self, phase: str, **values) -> None:
@@ -191,21 +194,42 @@ class _Trainer:
             if s.cache_latents == "disk":
                 disk = state_dir(self.project) / "latents"
                 disk.mkdir(parents=True, exist_ok=True)
-            self.cache = cache_latents(self.host, self.data, self.progress, disk)
+            self.cache = self._freeing_on_oom(cache_latents, self.host, self.data, self.progress, disk)
             config = NetworkConfig(s.network, s.dim, s.alpha, s.conv_dim, s.conv_alpha)
             self.network = Network(self.host, config, train_text_encoder=self.train_te)
             try:
                 self.network.attach()
                 with vae_off_the_gpu(self.host):
-                    return self._loop(resume)
-            except torch.cuda.OutOfMemoryError:
-                raise LoraMakerError(self._out_of_memory()) from None
+                    return self._freeing_on_oom(self._loop, resume)
             except KeyboardInterrupt:  # Ctrl-C or the WebUI's interrupt: keep what was learned
                 if getattr(self, "position", None):
                     self.save_state(*self.position)
                 raise
             finally:
                 self.network.detach()
+
+    def _freeing_on_oom(self, work, *args):
+        """`work(*args)`; out of GPU memory, the failed step's tensors are freed before anything of the
+        host is put back (moving the VAE back to the GPU needs that memory), then the error says what to
+        change. The tensors live in the frames the exception's traceback holds, so the freeing must
+        happen after the except block, where that exception is gone."""
+        try:
+            return work(*args)
+        except torch.cuda.OutOfMemoryError:
+            message = self._out_of_memory()
+        self._free_memory()
+        raise LoraMakerError(message)
+
+    def _free_memory(self) -> None:
+        import gc
+
+        for name in ("optimizer", "scheduler", "scaler", "cache"):  # the run is over: its state can go
+            setattr(self, name, None)
+        for p in getattr(self, "params", ()):
+            p.grad = None
+        gc.collect()
+        if self.host.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _loop(self, resume: bool) -> Result:
         s = self.settings

@@ -147,9 +147,17 @@ def _vae_dtype(vae: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
 @contextlib.contextmanager
 def training_session(host: WebuiHost) -> Iterator[None]:
     """The WebUI side of a training run: its LoRAs and hypernetworks unmerged from the weights for the
-    run (prompts re-apply them at the next generation), and its memory freed afterwards."""
-    from modules import devices, shared
+    run (prompts re-apply them at the next generation), token merging (ToMe) taken out of the UNet for
+    the run and put back as it was, and its memory freed afterwards."""
+    from modules import devices, sd_models, shared
 
+    tome = getattr(host.sd_model, "applied_token_merged_ratio", 0)
+    if not tome and any(type(m).__name__ == "ToMeBlock" for m in host.unet.modules()):
+        raise LoraMakerError("token merging (ToMe) was patched into the model by something other than the WebUI's "
+                             "Token merging ratio setting: the LoRA would learn through it. Disable what applied it "
+                             "(an extension) and reload the model")
+    if tome:  # the WebUI's own patch (a generation that used it, an extension): the LoRA must not train through it
+        sd_models.apply_token_merging(host.sd_model, 0)
     networks = networks_module()
     if networks is not None:
         networks.load_networks([])
@@ -162,6 +170,8 @@ def training_session(host: WebuiHost) -> Iterator[None]:
         yield
     finally:
         shared.loaded_hypernetworks = hypernetworks
+        if tome:
+            sd_models.apply_token_merging(host.sd_model, tome)
         devices.torch_gc()
 
 

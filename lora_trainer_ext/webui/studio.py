@@ -22,6 +22,7 @@ from ..hosts.host import SD1, gpu_memory
 from ..jobs import RUNNING, Job, JobRunner
 from ..paths import OPT_MODEL_CACHE, OPT_PROJECTS_ROOT, default_model_cache, default_projects_root
 from ..studio import Studio
+from .compat import host_problem
 
 _studio: Studio | None = None
 _studio_lock = threading.Lock()
@@ -59,6 +60,7 @@ def _build() -> Studio:
         open_renderer=open_renderer,
         render_defaults=webui_render_defaults,
         paste_to_txt2img=_paste_to_txt2img,
+        host_problem=host_problem,
     )
 
 
