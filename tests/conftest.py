@@ -44,3 +44,11 @@ def add_image(project: Project, name: str, caption: str | None = None, **kw) -> 
     if caption is not None:
         Project.caption_path(path).write_text(caption, encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def webui_models(tmp_path_factory):
+    """The real-WebUI tests' tiny checkpoints (tests/webui_env.py), made once per session."""
+    from webui_env import make_webui_models
+
+    return make_webui_models(tmp_path_factory.mktemp("webui-models"))

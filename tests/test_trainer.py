@@ -23,7 +23,7 @@ from lora_trainer_ext.training import lora_file, objective
 from lora_trainer_ext.training.model_mode import parameter_fingerprint
 from lora_trainer_ext.training.network import Network, NetworkConfig
 from lora_trainer_ext.training.settings import TrainSettings
-from lora_trainer_ext.training.state import state_dir
+from lora_trainer_ext.training.state import has_state, state_dir
 from lora_trainer_ext.training.trainer import train
 
 pytestmark = pytest.mark.timeout(300)
@@ -218,6 +218,24 @@ def test_out_of_memory_frees_the_failed_step_before_the_host_is_put_back(dataset
     assert parameter_fingerprint(host) == before
     assert [p.requires_grad for p in host.unet.parameters()] == grads and [m.training for m in host.unet.modules()] == modes
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+@pytest.mark.parametrize("kind", [SD1, SDXL])
+def test_non_finite_latents_or_conditioning_are_named_before_anything_is_learned(dataset, checkpoints, tmp_path, kind):
+    host = load_checkpoint(checkpoints[kind])
+    for module, part in ((host.vae.encoder.conv_in, "latents for 0.png"),
+                         (host.text_encoders[-1].text_model.final_layer_norm, "conditioning for the first batch")):
+        saved = module.weight.detach().clone()
+        with torch.no_grad():
+            module.weight[0] = float("inf")  # what an fp16 overflow gives
+        try:
+            with pytest.raises(LoraMakerError, match=f"NaN or infinite {part}") as error:
+                train(dataset, host, settings(), tmp_path / "lora")
+        finally:
+            with torch.no_grad():
+                module.weight.copy_(saved)
+        assert "half precision" in str(error.value)
+        assert not list((tmp_path / "lora").glob("*.safetensors")) and not has_state(dataset)
 
 
 @pytest.mark.parametrize("kind, version", [(SD2, "sd_v2_v"), (SDXL, "sdxl_base_v1-0")])

@@ -1,14 +1,16 @@
-"""Run inside a real WebUI 1.10.x's Python, from its folder (tests/test_webui_host.py starts it):
-brings the WebUI up in-process as webui.py does, then trains on its loaded model through
-`lora_trainer_ext.webui.host` and writes its findings as JSON for the test to check.
+"""Run inside a real WebUI 1.10.x's Python, from its folder (tests/test_webui_host.py starts it, once per
+model kind): brings the WebUI up in-process as webui.py does, then trains a LoRA and a LoCon on its loaded
+model through `lora_trainer_ext.webui.host` and writes its findings as JSON for the test to check.
+LoRA files go to a Lora folder of its own (--lora-dir), so nothing is left in the WebUI's.
 
-    python webui_session.py REPO PROJECTS_ROOT CHECKPOINT RESULT_JSON
+    python webui_session.py REPO OUT_DIR CHECKPOINT RESULT_JSON
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 
@@ -28,8 +30,25 @@ def start_webui(checkpoint: str, *flags: str):
     from modules import script_callbacks, sd_models, shared
 
     script_callbacks.before_ui_callback()  # the built-in Lora registers <lora:...> here
+    # Live previews would fetch SDXL's approximate decoder (the WebUI ships SD1's only): no network here.
+    shared.opts.live_previews_enable = False
     sd_models.load_model()
     return shared.sd_model
+
+
+class UnmatchedKeys(logging.Handler):
+    """The Lora extension's "didn't match keys" reports (it logs them at DEBUG) of the files it loads."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.reports: list[str] = []
+        logging.getLogger().addHandler(self)
+        logging.getLogger().setLevel(logging.DEBUG)
+
+    def emit(self, record):
+        message = record.getMessage()
+        if "didn't match keys" in message:
+            self.reports.append(message)
 
 
 def render(prompt: str):
@@ -89,12 +108,33 @@ def broken_names(found: dict) -> None:
         compat.host_problem.cache_clear()
 
 
-def main(repo: str, projects_root: str, checkpoint: str, out_dir: str) -> dict:
-    sd_model = start_webui(checkpoint)
+# SDXL's size conditioning of those captions: (original, crop top-left, target), as (height, width).
+PARITY_SIZES = [((64, 64), (0, 0), (64, 64)), ((96, 64), (16, 0), (64, 64)), ((64, 128), (0, 0), (64, 128))]
+
+
+def conditioning_tensors(host, captions, sizes) -> dict:
+    """A host's conditioning of `captions` as named tensors (SDXL: its crossattn and vector)."""
+    from lora_trainer_ext.hosts.host import SizeInfo
+
+    cond = host.conditioning(captions, [SizeInfo(*s) for s in sizes] if host.kind == "sdxl" else None)
+    return {k: v.contiguous() for k, v in (cond.items() if isinstance(cond, dict) else [("crossattn", cond)])}
+
+
+def embedder_attributes(sd_model) -> list[dict]:
+    """Every plain attribute of SDXL's conditioner embedders (ucg_rate, ...), to see training leave them."""
+    embedders = getattr(getattr(sd_model, "conditioner", None), "embedders", [])
+    return [{k: repr(v) for k, v in vars(e).items() if isinstance(v, (bool, int, float, str, type(None)))}
+            for e in embedders]
+
+
+def main(repo: str, out_dir: str, checkpoint: str) -> dict:
+    lora_dir = os.path.join(out_dir, "lora")
+    sd_model = start_webui(checkpoint, "--lora-dir", lora_dir)
     sys.path.insert(0, repo)
     import torch
     from modules import shared
     from PIL import Image
+    from safetensors.torch import save_file
 
     from lora_trainer_ext.errors import LoraMakerError
     from lora_trainer_ext.project import Project
@@ -106,20 +146,18 @@ def main(repo: str, projects_root: str, checkpoint: str, out_dir: str) -> dict:
     from lora_trainer_ext.webui.host import WebuiHost, training_session
 
     found: dict = {"kind": None}
-    lora_dir = os.path.join(shared.cmd_opts.lora_dir, "lora-maker-test")
-    os.makedirs(lora_dir, exist_ok=True)
+    unmatched = UnmatchedKeys()
     host = WebuiHost()
     found["kind"] = host.kind
     base = parameter_fingerprint(host)
-    from safetensors.torch import save_file
-
-    save_file({"cond": host.conditioning(PARITY_CAPTIONS).contiguous()}, os.path.join(out_dir, "conditioning.safetensors"))
-    broken_names(found)
+    save_file(conditioning_tensors(host, PARITY_CAPTIONS, PARITY_SIZES), os.path.join(out_dir, "conditioning.safetensors"))
+    if host.kind == "sd1":  # the same for every kind: once is enough
+        broken_names(found)
     found["image_base"] = render("a photo of a cat")
 
     # A LoRA the user had in a prompt is merged into the weights in place.
     torch.manual_seed(0)
-    network = Network(host, NetworkConfig("lora", 4, 4), train_text_encoder=True)
+    network = Network(host, NetworkConfig("lora", 4, 4), train_text_encoder=bool(host.text_encoders))
     for p in network.parameters():
         torch.nn.init.normal_(p, std=0.05)
     tensors = lora_file.to_output_names(network.lora_state_dict(), host.kind, network.module_paths())
@@ -144,52 +182,62 @@ def main(repo: str, projects_root: str, checkpoint: str, out_dir: str) -> dict:
             found[f"{label}_refused"] = str(e)
         setattr(obj, attr, before)
 
-    project = Project.open(projects_root, "webui-test", create=True)
+    project = Project.open(os.path.join(out_dir, "projects"), "webui-test", create=True)
     for i, colour in enumerate(["red", "blue", "green", "white"]):
-        Image.new("RGB", (64, 64), colour).save(project.dataset_dir / f"{i}.png")
-        (project.dataset_dir / f"{i}.txt").write_text(f"mychar, {colour} background", encoding="utf-8")
+        Image.new("RGB", (64, 64) if i % 2 else (64, 96), colour).save(project.dataset_dir / f"{i}.png")
+        (project.dataset_dir / f"{i}.txt").write_text(f"mychar, ({colour} background:1.1)", encoding="utf-8")
     settings = TrainSettings.from_dict({
-        "resolution": 64, "min_bucket": 64, "max_bucket": 128, "repeats": 2, "epochs": 2, "batch_size": 2, "dim": 4,
-        "alpha": 4, "unet_lr": 1e-3, "text_encoder_lr": 1e-4, "mixed_precision": "no", "lr_scheduler": "constant",
-        "min_snr_gamma": 0})
+        "resolution": 64, "min_bucket": 64, "max_bucket": 128, "repeats": 2, "epochs": 2, "batch_size": 1, "dim": 4,
+        "alpha": 4, "conv_dim": 2, "conv_alpha": 1, "unet_lr": 1e-3, "text_encoder_lr": 1e-4, "mixed_precision": "no",
+        "lr_scheduler": "constant", "min_snr_gamma": 0})
     host = WebuiHost()
     rng = torch.get_rng_state()
+    embedders = embedder_attributes(sd_model)
     # Token merging left patched in (by an extension; a generation removes its own): out for the run only.
     sd_models.apply_token_merging(sd_model, 0.5)
-    tome_blocks = [m for m in host.unet.modules() if type(m).__name__ == "ToMeBlock"]
-    found["tome_patched_before"] = len(tome_blocks)
+    found["tome_patched_before"] = sum(type(m).__name__ == "ToMeBlock" for m in host.unet.modules())
     tome_in_training = set()
 
     def watch(status):
         if status.phase == "training":
             tome_in_training.add(sum(type(m).__name__ == "ToMeBlock" for m in host.unet.modules()))
 
+    results = {}
     with training_session(host):
         found["unmerged_for_training"] = parameter_fingerprint(host) == base
-        result = train(project, host, settings, lora_dir, name="lm-trained", on_status=watch)
-        found["weights_unchanged_after_training"] = parameter_fingerprint(host) == base
-    rng_kept = torch.equal(torch.get_rng_state(), rng)  # the WebUI's own random state is its own
+        for network_type in ("lora", "locon"):
+            results[network_type] = train(project, host, settings.replace(network=network_type), lora_dir,
+                                          name=f"lm-{network_type}", on_status=watch)
+            found[f"unchanged_after_{network_type}"] = parameter_fingerprint(host) == base
+    found["torch_rng_kept"] = torch.equal(torch.get_rng_state(), rng)  # the WebUI's own random state is its own
+    found["embedders_kept"] = embedder_attributes(sd_model) == embedders
     found["tome_in_training"] = sorted(tome_in_training)
     found["tome_after"] = [getattr(sd_model, "applied_token_merged_ratio", 0),
                            sum(type(m).__name__ == "ToMeBlock" for m in host.unet.modules())]
     sd_models.apply_token_merging(sd_model, 0)
-    found["files"] = [os.path.basename(p) for p in result.files]
-    found["steps"] = result.steps
     found["forwards_restored"] = all("forward" not in m.__dict__ for m in host.unet.modules())
     refresh_loras()
     found["image_after"] = render("a photo of a cat")
-    found["image_trained"] = render("a photo of a cat <lora:lm-trained:1>")
-    _, meta = lora_file.read_lora(result.final)
-    found["ss_sd_model_name"] = meta.get("ss_sd_model_name")
+    for network_type, result in results.items():
+        found[f"files_{network_type}"] = [os.path.basename(p) for p in result.files]
+        found[f"steps_{network_type}"] = result.steps
+        unmatched.reports.clear()
+        found[f"image_{network_type}"] = render(f"a photo of a cat <lora:lm-{network_type}:1>")
+        found[f"unmatched_{network_type}"] = list(unmatched.reports)
+        import networks
+
+        found[f"loaded_{network_type}"] = [net.name for net in networks.loaded_networks]
+        tensors, meta = lora_file.read_lora(result.final)
+        found[f"keys_{network_type}"] = sorted({k.split(".")[0] for k in tensors})
+        found[f"meta_{network_type}"] = {k: v for k, v in meta.items() if k.startswith(("ss_", "modelspec."))}
     info = shared.sd_model.sd_checkpoint_info
-    found["model_hashes"] = [meta.get("ss_sd_model_hash"), meta.get("ss_new_sd_model_hash"), info.hash, info.sha256,
-                             hashlib.sha256(open(info.filename, "rb").read()).hexdigest()]
-    found["torch_rng_kept"] = rng_kept
+    found["model_hashes"] = [found["meta_lora"].get("ss_sd_model_hash"), found["meta_lora"].get("ss_new_sd_model_hash"),
+                             info.hash, info.sha256, hashlib.sha256(open(info.filename, "rb").read()).hexdigest()]
     return found
 
 
 if __name__ == "__main__":
-    repo, projects, checkpoint, result = sys.argv[1:5]  # read first: starting the WebUI replaces sys.argv
-    found = main(repo, projects, checkpoint, os.path.dirname(result))
+    repo, out_dir, checkpoint, result = sys.argv[1:5]  # read first: starting the WebUI replaces sys.argv
+    found = main(repo, out_dir, checkpoint)
     with open(result, "w", encoding="utf-8") as f:  # a file: the WebUI takes over stdout's buffering
         json.dump(found, f)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import Stopped
+from ..errors import LoraMakerError, Stopped
 from ..hosts.host import Host
 from ..progress import Progress
 from .data import TrainData
@@ -23,8 +23,11 @@ def cache_latents(host: Host, data: TrainData, progress: Progress, disk: Path | 
                 raise Stopped("stopped while caching latents: nothing was trained yet")
             pixels, _ = data.pixels(index, flip)
             latent = host.encode_images(pixels.unsqueeze(0).to(host.device, host.dtype))[0].float().cpu()
-            if not torch.isfinite(latent).all():
-                latent = torch.nan_to_num(latent, nan=0.0, posinf=0.0, neginf=0.0)  # as sd-scripts: a fp16 VAE overflow
+            if not torch.isfinite(latent).all():  # found now, not as a NaN loss steps later
+                raise LoraMakerError(
+                    f"the VAE gave NaN or infinite latents for {data.items[index].image.name}: it overflows in half "
+                    "precision. In the WebUI, start it with --no-half-vae or pick a VAE made for fp16 (for SDXL "
+                    "sdxl-vae-fp16-fix) in Settings > VAE; headless, train in fp32")
             if disk is None:
                 cache[(index, flip)] = latent
             else:

@@ -309,6 +309,8 @@ class _Trainer:
         with self.autocast:
             with torch.set_grad_enabled(self.train_te):
                 cond = host.conditioning(plan.captions, sizes)
+            if step == self.first_step:
+                _check_conditioning(cond, plan.captions)
             prediction = host.apply_model(noisy.to(host.dtype), timesteps, cond)
         wanted = objective.target(latents, noise, timesteps, self.alphas, host.parameterization)
         weights = (objective.snr_weights(timesteps, self.alphas, s.min_snr_gamma, host.parameterization)
@@ -360,6 +362,17 @@ class _Trainer:
         self.save_state(step, epoch, batch_index + 1)
         self.result.steps = step
         return True
+
+
+def _check_conditioning(cond, captions: list[str]) -> None:
+    """The first batch's conditioning is finite, or the run stops before it learns from NaN."""
+    tensors = cond.values() if isinstance(cond, dict) else [cond]
+    if all(bool(torch.isfinite(t).all()) for t in tensors):
+        return
+    raise LoraMakerError(
+        f"the text encoder gave NaN or infinite conditioning for the first batch ({'; '.join(captions)}): it "
+        "overflows in half precision, or the checkpoint's text encoder is broken. Try mixed_precision=bf16 (or "
+        "the WebUI's --no-half), or another checkpoint")
 
 
 def train(project: Project, host: Host, settings: TrainSettings, lora_dir: Path, *, name: str | None = None,
