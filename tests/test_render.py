@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import add_image
 from tiny_hosts import make_checkpoint
-from webui_env import CHECKPOINT, PYTHON, WEBUI, needs_webui
+from webui_env import MODEL_KINDS, PYTHON, WEBUI, needs_webui
 
 from lora_trainer_ext.errors import LoraMakerError
 from lora_trainer_ext.grids.plan import Cell, Epoch, RenderSettings
@@ -275,6 +275,7 @@ def test_v_prediction_and_sdxl_render(kind, tmp_path):
 
 CASES = [  # sampler, schedule, prompt, negative, cfg, steps, weight
     ("Euler", "Automatic", "mychar, 1girl, smile", "lowres", 7, 6, 0),
+    ("Euler", "Automatic", "mychar, (smile:1.3), [red hair] BREAK outdoors", "(lowres:1.2)", 7, 6, 0),
     ("DPM++ 2M", "Automatic", "mychar, 1girl, smile", "", 7, 6, 0),
     ("DPM++ 2M", "Exponential", "mychar, red hair", "bad", 1, 5, 0),
     ("Euler", "Automatic", "mychar, 1girl, smile", "lowres", 7, 6, 0.7),
@@ -293,6 +294,7 @@ from modules import initialize
 initialize.imports(); initialize.check_versions(); initialize.initialize()
 from modules import infotext_utils, processing, script_callbacks, sd_models, shared
 script_callbacks.before_ui_callback()
+shared.opts.live_previews_enable = False  # SDXL's previews would fetch a decoder the WebUI does not ship
 sd_models.load_model()
 shared.opts.randn_source = "CPU"
 cases, ours = json.loads(open(args[3]).read())
@@ -310,11 +312,13 @@ open(args[2], "w").write(json.dumps(out, default=str))
 
 @needs_webui
 @pytest.mark.timeout(600)
-def test_renders_and_infotexts_match_the_webuis_txt2img(tmp_path):
+@pytest.mark.parametrize("model", MODEL_KINDS)
+def test_renders_and_infotexts_match_the_webuis_txt2img(tmp_path, webui_models, model):
     from lora_trainer_ext.training.network import Network, NetworkConfig
 
-    host = load_checkpoint(Path(WEBUI) / CHECKPOINT)
-    network = Network(host, NetworkConfig("locon", 4, 2.0, 2, 1.0), train_text_encoder=True)
+    checkpoint = webui_models.checkpoint(model)
+    host = load_checkpoint(Path(checkpoint))
+    network = Network(host, NetworkConfig("locon", 4, 2.0, 2, 1.0), train_text_encoder=host.kind != SDXL)
     with torch.no_grad():
         generator = torch.Generator().manual_seed(0)
         for p in network.parameters():
@@ -331,8 +335,9 @@ def test_renders_and_infotexts_match_the_webuis_txt2img(tmp_path):
         settings = RenderSettings(sampler=sampler, scheduler=schedule, steps=steps, cfg_scale=cfg, width=64, height=64)
         ours.append(renderer.render(Cell(0, 0, 0, Epoch(1, "lora", lora), weight, prompt, negative, 4321), settings))
     (tmp_path / "in.json").write_text(json.dumps([CASES, [r.infotext for r in ours]]), encoding="utf-8")
-    run = subprocess.run([PYTHON, "-c", WEBUI_SCRIPT, CHECKPOINT, str(tmp_path / "lora"), str(tmp_path / "out.json"),
-                          str(tmp_path / "in.json")], cwd=WEBUI, capture_output=True, text=True, timeout=540)
+    run = subprocess.run([PYTHON, "-c", WEBUI_SCRIPT, checkpoint, str(tmp_path / "lora"), str(tmp_path / "out.json"),
+                          str(tmp_path / "in.json")], cwd=WEBUI, env=webui_models.run_env(tmp_path), capture_output=True,
+                         text=True, timeout=540)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     webui = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
 

@@ -1,9 +1,7 @@
-"""Grids rendered by a real WebUI's txt2img pipeline, in its own Python: skipped unless a WebUI 1.10.x
-folder and its Python are given (LORA_MAKER_WEBUI_DIR, LORA_MAKER_WEBUI_PYTHON; optional
-LORA_MAKER_WEBUI_CHECKPOINT, a small SD1 checkpoint in its models/Stable-diffusion; extra environment
-for the WebUI, e.g. an offline HF cache, is inherited).
+"""Grids rendered by a real WebUI's txt2img pipeline, in its own Python, for each model kind (SD1, SD2-v,
+SDXL): skipped unless a WebUI 1.10.x is given (tests/webui_env.py says how).
 
-tests/webui_grid_session.py brings the WebUI up in-process, trains a LoRA for two epochs with the
+tests/webui_grid_session.py brings the WebUI up in-process with a tiny checkpoint the tests make, trains a LoRA for two epochs with the
 default grid after it in the same WebUI job, renders grids through `webui.render.WebuiRenderer`, and
 reports; the WebUI folder is left as it was (its settings, UI config, Lora folder and caches go to a
 temporary folder)."""
@@ -11,13 +9,12 @@ temporary folder)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 from tiny_onnx import write_tagger
-from webui_env import CHECKPOINT, PYTHON, REPO, WEBUI, needs_webui
+from webui_env import MODEL_KINDS, PYTHON, REPO, WEBUI, needs_webui, webui_folder_status
 
 from lora_trainer_ext.grids.plan import DEFAULT_WEIGHTS
 
@@ -38,30 +35,24 @@ UI_CONFIG = {
 }
 
 
-def _webui_status() -> str | None:
-    run = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=WEBUI, capture_output=True, text=True)
-    return run.stdout if run.returncode == 0 else None
-
-
-@pytest.fixture(scope="module")
-def session(tmp_path_factory):
+@pytest.fixture(scope="module", params=MODEL_KINDS)
+def session(request, webui_models, tmp_path_factory):
     # What the WebUI does for an extension at start: our install.py in its Python, from its folder.
     install = subprocess.run([PYTHON, str(REPO / "install.py")], cwd=WEBUI, capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stdout + install.stderr
-    work = tmp_path_factory.mktemp("webui-grid")
+    work = tmp_path_factory.mktemp(f"webui-grid-{request.param}")
     (work / "ui-config.json").write_text(json.dumps(UI_CONFIG), encoding="utf-8")
     settings = {"lora_maker_projects_root": str(work / "projects"), "lora_maker_model_cache": str(work / "models"),
                 "lora_maker_tagger": str(write_tagger(work / "tagger"))}
     (work / "config.json").write_text(json.dumps(settings), encoding="utf-8")
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "SD_WEBUI_CACHE_FILE": str(work / "cache.json"),
-           "SD_WEBUI_CACHE_DIR": str(work / "cache")}
-    before = _webui_status()
+    before = webui_folder_status()
     result = work / "result.json"
-    run = subprocess.run([PYTHON, str(REPO / "tests" / "webui_grid_session.py"), str(REPO), str(work), CHECKPOINT,
-                          str(result)], cwd=WEBUI, env=env, capture_output=True, text=True, timeout=1100)
+    run = subprocess.run([PYTHON, str(REPO / "tests" / "webui_grid_session.py"), str(REPO), str(work),
+                          webui_models.checkpoint(request.param), str(result)], cwd=WEBUI,
+                         env=webui_models.run_env(work), capture_output=True, text=True, timeout=1100)
     (work / "session.log").write_text(run.stdout + run.stderr, encoding="utf-8")
     assert run.returncode == 0 and result.is_file(), run.stdout[-4000:] + run.stderr[-4000:]
-    assert _webui_status() == before, "the session changed the WebUI folder"
+    assert webui_folder_status() == before, "the session changed the WebUI folder"
     return json.loads(result.read_text(encoding="utf-8"))
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from webui_env import MODEL_KINDS, PYTHON, REPO, WEBUI, needs_webui
+from webui_env import MODEL_KINDS, PYTHON, REPO, WEBUI, needs_webui, webui_folder_status
 from webui_session import PARITY_CAPTIONS, PARITY_SIZES, conditioning_tensors
 
 from lora_trainer_ext.hosts.standalone import load_checkpoint
@@ -32,9 +32,12 @@ def session(request, webui_models, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"webui-{request.param}")
     result = folder / "result.json"
     checkpoint = webui_models.checkpoint(request.param)
+    before = webui_folder_status()
     run = subprocess.run([PYTHON, str(REPO / "tests" / "webui_session.py"), str(REPO), str(folder), checkpoint,
-                          str(result)], cwd=WEBUI, env=webui_models.env, capture_output=True, text=True, timeout=840)
+                          str(result)], cwd=WEBUI, env=webui_models.run_env(folder), capture_output=True, text=True,
+                         timeout=840)
     assert run.returncode == 0 and result.is_file(), run.stdout[-3000:] + run.stderr[-3000:]
+    assert webui_folder_status() == before, "the session changed the WebUI folder (its Lora folder, say)"
     return {**json.loads(result.read_text(encoding="utf-8")), "folder": folder, "checkpoint": checkpoint,
             "model": request.param}
 

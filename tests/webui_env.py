@@ -44,6 +44,20 @@ class WebuiModels:
         return {**os.environ, "HF_HOME": str(self.folder / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                 "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
 
+    def run_env(self, work: Path) -> dict[str, str]:
+        """`env` for one WebUI run whose caches go to `work` (not the WebUI folder)."""
+        return {**self.env, "PYTHONDONTWRITEBYTECODE": "1", "SD_WEBUI_CACHE_FILE": str(work / "cache.json"),
+                "SD_WEBUI_CACHE_DIR": str(work / "cache")}
+
+
+def webui_folder_status() -> str | None:
+    """The WebUI folder's files as git sees them (ignored ones too), to prove the tests leave it as they
+    found it; None when it is not a git checkout."""
+    if not (Path(WEBUI) / ".git").exists():
+        return None
+    run = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=WEBUI, capture_output=True, text=True)
+    return run.stdout if run.returncode == 0 else None
+
 
 def make_webui_models(folder: Path) -> WebuiModels:
     models = WebuiModels(folder)

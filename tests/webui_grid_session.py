@@ -146,7 +146,8 @@ def grid_findings(folder: Path, layer_file: str) -> dict:
 
 
 def main(repo: str, work: Path, checkpoint: str) -> dict:
-    start_webui(checkpoint, "--no-prompt-history", "--lora-dir", str(work / "lora"),
+    # --ckpt-dir: the other tiny checkpoints, one of which the user "picks" mid-grid
+    start_webui(checkpoint, "--no-prompt-history", "--lora-dir", str(work / "lora"), "--ckpt-dir", str(Path(checkpoint).parent),
                 "--ui-config-file", str(work / "ui-config.json"), "--ui-settings-file", str(work / "config.json"))
     sys.path.insert(0, repo)
     from dataclasses import asdict

@@ -269,15 +269,20 @@ class StandaloneRenderer:
     def sample(self, cell: Cell, settings: RenderSettings) -> torch.Tensor:
         host = self.host
         guided = settings.cfg_scale != 1  # at CFG 1 the negative prompt's prediction cancels out
-        cond = self.conditioning(cell, settings, guided)
+        conds = self.conditioning(cell, settings, guided)
+        # One UNet batch when prompt and negative prompt have as many chunks, else one call each (the WebUI's
+        # default, without "pad prompt/negative prompt").
+        same = len({tuple(_crossattn(c).shape) for c in conds}) == 1
+        calls = [(_cat(conds), len(conds))] if same else [(c, 1) for c in conds]
         sigmas = self.schedule.sigmas(schedule_label(settings), settings.steps)
-        batch = 2 if guided else 1
+        batch = len(conds)
 
         def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
             scale = 1 / math.sqrt(sigma**2 + 1)
             x_in = x.repeat(batch, 1, 1, 1)
-            t = torch.full((batch,), self.schedule.sigma_to_t(sigma), device=host.device)
-            out = host.apply_model(x_in * scale, t, cond).float()
+            t = self.schedule.sigma_to_t(sigma)
+            out = torch.cat([host.apply_model(x.repeat(n, 1, 1, 1) * scale, torch.full((n,), t, device=host.device),
+                                              cond).float() for cond, n in calls])
             if host.parameterization == "v":  # k-diffusion's CompVisVDenoiser (sigma_data 1)
                 denoised = x_in * scale**2 - out * sigma * scale
             else:
@@ -290,21 +295,32 @@ class StandaloneRenderer:
         x = self.noise(cell.seed, settings) * sigmas[0]
         return _SAMPLE[settings.sampler](denoise, x, sigmas)
 
-    def conditioning(self, cell: Cell, settings: RenderSettings, guided: bool):
-        """The prompt's (and when guided, the negative prompt's) conditioning as one batch. The prompt is
-        txt2img's with its <lora:...> tag taken out as the WebUI does, which leaves the ", " before it."""
+    def conditioning(self, cell: Cell, settings: RenderSettings, guided: bool) -> list:
+        """The prompt's (and when guided, the negative prompt's) conditioning, each on its own as the WebUI
+        computes them (emphasis rescales within one). The prompt is txt2img's with its <lora:...> tag taken
+        out as the WebUI does, which leaves the ", " before it."""
         host = self.host
         prompt = _EXTRA_NETWORKS.sub("", cell.full_prompt())
         prompts = [prompt, cell.negative] if guided else [prompt]
         if host.kind != SDXL:
-            return host.conditioning(prompts)
+            return [host.conditioning([p]) for p in prompts]
         size = SizeInfo((settings.height, settings.width), (0, 0), (settings.height, settings.width))
-        cond = host.conditioning(prompts, [size] * len(prompts))
+        conds = [host.conditioning([p], [size]) for p in prompts]
         if guided and not cell.negative:  # the WebUI zeroes an empty SDXL negative prompt's text embeddings
-            pooled = cond["vector"].shape[1] - 6 * host.size_embed_dim
-            cond["crossattn"][1] = 0
-            cond["vector"][1, :pooled] = 0
-        return cond
+            pooled = conds[1]["vector"].shape[1] - 6 * host.size_embed_dim
+            conds[1]["crossattn"][:] = 0
+            conds[1]["vector"][:, :pooled] = 0
+        return conds
+
+
+def _crossattn(cond) -> torch.Tensor:
+    return cond["crossattn"] if isinstance(cond, dict) else cond
+
+
+def _cat(conds: list):
+    if isinstance(conds[0], dict):
+        return {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
+    return torch.cat(conds)
 
 
 _EXTRA_NETWORKS = re.compile(r"<(\w+):([^>]+)>")  # the WebUI's extra_networks.re_extra_net
