@@ -87,7 +87,7 @@ def forge(tmp_path_factory):
     _train_lora(home)
     install = Install(FORGE_PYTHON, FORGE, FORGE_CHECKPOINT, CPU_FLAGS, ARTIFACT_DIR, _forge_files)
     tagger = {"lora_maker_tagger": str(write_tagger(home / "tagger"))}
-    with _launched(home, "forge.log", install=install, settings=tagger) as ui:
+    with _launched(home, "forge.log", install, settings=tagger) as ui:
         yield ui
 
 

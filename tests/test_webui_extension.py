@@ -1,7 +1,6 @@
-"""LoRA Maker installed in a real WebUI, end to end: skipped unless a WebUI 1.10.x folder and its Python
-are given (LORA_MAKER_WEBUI_DIR, LORA_MAKER_WEBUI_PYTHON; optional LORA_MAKER_WEBUI_CHECKPOINT, a small
-SD1 checkpoint in its models/Stable-diffusion; the WebUI's environment, e.g. an offline HF cache, is
-inherited).
+"""LoRA Maker installed in a real WebUI, end to end, on an SDXL model (what the guide's users train; SD1
+and SD2 are trained in the WebUI by tests/test_webui_host.py): skipped unless a WebUI 1.10.x is given
+(tests/webui_env.py says how); the tiny checkpoint is one the tests make.
 
 The repository is copied into the WebUI's extensions/ folder as "Install from URL" would put it, its
 install.py runs as the WebUI runs it, and the WebUI starts as a server on 127.0.0.1 with --api and
@@ -40,7 +39,7 @@ from booru_server import FakePost, serve_booru
 from browser import ARTIFACTS, loopback_only
 from conftest import image_bytes
 from PIL import Image
-from webui_env import CHECKPOINT, PYTHON, REPO, WEBUI, needs_webui
+from webui_env import PYTHON, REPO, WEBUI, needs_webui, webui_folder_status
 
 from lora_trainer_ext.training.presets import preset_names
 
@@ -116,14 +115,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _webui_status() -> str | None:
-    """The WebUI folder's files as git sees them (ignored ones too), to prove we leave it as we found it."""
-    if not (Path(WEBUI) / ".git").exists():
-        return None
-    run = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=WEBUI, capture_output=True, text=True)
-    return run.stdout if run.returncode == 0 else None
-
-
 @dataclass(frozen=True)
 class Install:
     """A WebUI install the tests launch: its Python, folder, checkpoint and CPU flags, where its logs go,
@@ -135,9 +126,14 @@ class Install:
     flags: list[str]
     artifacts: Path
     snapshot: Callable[[], object] = field(compare=False)
+    env: dict = field(default_factory=lambda: dict(os.environ), compare=False)  # the environment it runs in
 
 
-A1111 = Install(PYTHON, WEBUI, CHECKPOINT, CPU_FLAGS, ARTIFACT_DIR, _webui_status)
+@pytest.fixture(scope="module")
+def a1111(webui_models) -> Install:
+    """The WebUI with the tests' tiny SDXL checkpoint (and the offline HF cache it needs)."""
+    return Install(PYTHON, WEBUI, webui_models.checkpoint("sdxl"), CPU_FLAGS, ARTIFACT_DIR, webui_folder_status,
+                   webui_models.env)
 
 
 def _install_extension(target: Path, env: dict, python: str | None = PYTHON, webui: str | None = WEBUI) -> None:
@@ -160,19 +156,19 @@ def _install_extension(target: Path, env: dict, python: str | None = PYTHON, web
 
 
 @contextlib.contextmanager
-def _launched(home: Path, log_name: str, change=lambda extension: None, install: Install = A1111,
-              settings: dict | None = None):
+def _launched(home: Path, log_name: str, install: Install, change=lambda extension: None, settings: dict | None = None):
     """`install` running with the extension installed (after `change(extension_folder)`) and LoRA Maker's
     `settings`; afterwards the server is stopped, its log kept in the artifacts, and the install's folder
     as it was before."""
     before = install.snapshot()
     target = Path(install.folder) / "extensions" / EXTENSION
     shutil.rmtree(target, ignore_errors=True)  # left over from a run that was killed
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "SD_WEBUI_CACHE_FILE": str(home / "cache.json"),
+    env = {**install.env, "PYTHONDONTWRITEBYTECODE": "1", "SD_WEBUI_CACHE_FILE": str(home / "cache.json"),
            "SD_WEBUI_CACHE_DIR": str(home / "cache")}
-    # Our settings in a config.json of the run's own, so the WebUI's config.json stays untouched.
+    # Our settings in a config.json of the run's own, so the WebUI's config.json stays untouched. No live
+    # previews: for SDXL they fetch an approximate decoder the WebUI does not ship (no network here).
     settings = {"lora_maker_projects_root": str(home / "projects"), "lora_maker_model_cache": str(home / "models"),
-                **(settings or {})}
+                "live_previews_enable": False, **(settings or {})}
     (home / "config.json").write_text(json.dumps(settings), encoding="utf-8")
     port = _free_port()
     log = home / log_name
@@ -208,14 +204,14 @@ def artifacts():
 
 
 @pytest.fixture(scope="module")
-def broken_tab(artifacts, tmp_path_factory, chromium):  # noqa: F811 (the fixture)
+def broken_tab(artifacts, tmp_path_factory, chromium, a1111):  # noqa: F811 (the fixture)
     """What a WebUI shows when LoRA Maker's tab can't be built (here: a module that fails to import,
     as a missing dependency would): its page, API and log."""
     def break_a_module(extension: Path) -> None:
         (extension / "lora_trainer_ext" / "tab" / "job_panel.py").write_text(
             'raise ImportError("No module named \'lora_maker_test_missing\'")\n', encoding="utf-8")
 
-    with _launched(tmp_path_factory.mktemp("webui-broken"), "webui-broken.log", break_a_module) as ui:
+    with _launched(tmp_path_factory.mktemp("webui-broken"), "webui-broken.log", a1111, break_a_module) as ui:
         context, page = _open(chromium, ui.url)
         try:
             page.locator("#tabs > .tab-nav button", has_text="LoRA Maker").click()
@@ -230,9 +226,9 @@ def broken_tab(artifacts, tmp_path_factory, chromium):  # noqa: F811 (the fixtur
 
 
 @pytest.fixture(scope="module")
-def webui(tmp_path_factory, broken_tab):
+def webui(tmp_path_factory, broken_tab, a1111):
     # After broken_tab: one extension folder, one server at a time.
-    with _launched(tmp_path_factory.mktemp("webui-run"), "webui.log") as ui:
+    with _launched(tmp_path_factory.mktemp("webui-run"), "webui.log", a1111) as ui:
         yield ui
 
 
@@ -437,7 +433,7 @@ def test_settings_page_has_the_lora_maker_section(webui, page, trained):
 def test_a_grid_job_renders_the_epochs_as_txt2img_does(webui, trained):
     """A grid through the API, rendered in the server by the WebUI's txt2img pipeline (webui/render.py):
     a LoRA cell is the very picture /sdapi/v1/txt2img gives for the prompt its infotext carries."""
-    render = {"sampler": "Euler", "scheduler": "Automatic", "steps": 2, "cfg_scale": 7, "width": 64, "height": 64,
+    render = {"sampler": "Euler", "scheduler": "Automatic", "steps": 2, "cfg_scale": 7, "width": 64, "height": 96,
               "seed": 5}
     job = webui.ok("POST", f"{API}/projects/{PROJECT}/grids",
                    json={"weights": [0, 1], "prompts": [["main", "mychar, 1girl"]], "settings": render})
@@ -455,7 +451,7 @@ def test_a_grid_job_renders_the_epochs_as_txt2img_does(webui, trained):
 
     txt2img = webui.ok("POST", "/sdapi/v1/txt2img", timeout=300, json={
         "prompt": cell["prompt"], "seed": 5, "sampler_name": "Euler", "scheduler": "Automatic", "steps": 2,
-        "cfg_scale": 7, "width": 64, "height": 64})
+        "cfg_scale": 7, "width": 64, "height": 96})
     ours, theirs = (Image.open(io.BytesIO(data)).convert("RGB") for data in
                     (picture.content, base64.b64decode(txt2img["images"][0])))
     assert ours.tobytes() == theirs.tobytes()
@@ -482,6 +478,7 @@ def test_a_grid_cell_is_sent_to_txt2img(webui, page, trained):
     page.wait_for_function("document.querySelector('#txt2img_prompt textarea').value.includes('<lora:')")
     assert page.input_value("#txt2img_prompt textarea") == infotext.split("\n")[0]
     assert page.input_value("#txt2img_seed input") == "5" and page.input_value("#txt2img_steps input") == "2"
+    assert [page.input_value(f"#txt2img_{side} input[type=number]") for side in ("width", "height")] == ["64", "96"]
     assert page.locator("#tab_txt2img").is_visible()
     shot(page, "07-sent-to-txt2img")
     page.locator("#tabs > .tab-nav button", has_text="LoRA Maker").click()
