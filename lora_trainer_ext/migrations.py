@@ -10,7 +10,7 @@ import copy
 
 from .errors import LoraMakerError
 
-VERSION = 3  # what this release writes; a file without "version" is version 1
+VERSION = 4  # what this release writes; a file without "version" is version 1
 
 
 def _rename(section: dict, old: str, new: str) -> None:
@@ -33,7 +33,29 @@ def _v2_to_v3(data: dict) -> None:
         train["keep_last_n_epochs"] = 0
 
 
-STEPS = {1: _v1_to_v2, 2: _v2_to_v3}  # version -> the step that brings a file of that version to the next
+# The dataclass defaults of the releases before version 4, which wrote every setting to the file.
+_V3_DEFAULTS = {
+    "resolution": None, "buckets": True, "bucket_step": 64, "min_bucket": 256, "max_bucket": None,
+    "bucket_no_upscale": False, "flip_aug": False, "shuffle_tags": True, "keep_tokens": None, "caption_dropout": 0.0,
+    "tag_dropout": 0.0, "repeats": 10, "epochs": 10, "max_steps": None, "batch_size": 2, "save_every_n_epochs": 1,
+    "keep_last_n_epochs": 0, "unet_lr": 5e-4, "text_encoder_lr": 1e-4, "lr_scheduler": "cosine_with_restarts",
+    "lr_cycles": 3, "warmup_ratio": 0.05, "min_snr_gamma": 5.0, "noise_offset": 0.0, "seed": 42, "optimizer": "AdamW",
+    "max_grad_norm": 1.0, "network": "lora", "dim": 16, "alpha": 8.0, "conv_dim": 8, "conv_alpha": 4.0,
+    "mixed_precision": "fp16", "gradient_checkpointing": None, "cache_latents": "ram", "clip_skip": None,
+}
+
+
+def _v3_to_v4(data: dict) -> None:
+    """A file now holds only what the user changed, over the loaded model family's defaults (SDXL's differ):
+    values equal to the old defaults were never chosen (the old releases wrote every setting)."""
+    train = data.get("train")
+    if isinstance(train, dict):
+        for key, value in list(train.items()):
+            if key in _V3_DEFAULTS and value == _V3_DEFAULTS[key]:
+                del train[key]
+
+
+STEPS = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}  # version -> the step that brings a file of that version to the next
 
 
 def migrate(data: dict, where: str = "settings.json") -> dict:

@@ -82,15 +82,20 @@ class Project:
             raise LoraMakerError(f"{self.settings_path} must hold a JSON object: fix or remove it")
         return migrations.migrate(data, str(self.settings_path)) if data else {}
 
-    def settings_text(self, **sections: dict) -> str:
-        """The settings file's text with `sections` merged in (written through the history, so undoable)."""
+    def settings_text(self, replace: bool = False, **sections: dict) -> str:
+        """The settings file's text with `sections` merged in (or, with `replace`, in place of the old ones)."""
         settings = self.settings() or {"version": migrations.VERSION}
         for section, values in sections.items():
+            if replace:
+                settings[section] = {}
             settings.setdefault(section, {}).update(values)
         return json.dumps(settings, indent=2, ensure_ascii=False) + "\n"
 
     def update_settings(self, **sections: dict) -> None:
         files.write_text(self.settings_path, self.settings_text(**sections))
+
+    def replace_settings(self, **sections: dict) -> None:
+        files.write_text(self.settings_path, self.settings_text(replace=True, **sections))
 
     @contextlib.contextmanager
     def claim(self, job: str) -> Iterator[None]:

@@ -197,12 +197,17 @@ class Studio:
     # ---- training ----
 
     def training_settings(self, name: str) -> TrainSettings:
-        return train_settings.load(self.project(name))
+        """Project `name`'s settings for the loaded model: what the user changed, over its family's defaults."""
+        return train_settings.load(self.project(name), self.model_kind())
+
+    def default_training_settings(self) -> TrainSettings:
+        return train_settings.defaults(self.model_kind())
 
     def save_training_settings(self, name: str, settings: TrainSettings) -> TrainSettings:
-        """Check `settings` against the loaded model and keep them with the project."""
-        settings.validate(self.model_kind())
-        train_settings.save(self.project(name), settings)
+        """Check `settings` against the loaded model and keep what differs from its family's defaults."""
+        kind = self.model_kind()
+        settings.validate(kind)
+        train_settings.save(self.project(name), settings, kind)
         return settings
 
     def training_plan(self, name: str | None, settings: TrainSettings | None = None):
@@ -211,9 +216,9 @@ class Studio:
         from .training.plan import training_plan
 
         project = self.project(name) if name else None
-        if settings is None:
-            settings = train_settings.load(project) if project else TrainSettings()
         kind = self.model_kind()
+        if settings is None:
+            settings = train_settings.load(project, kind) if project else train_settings.defaults(kind)
         return training_plan(project, settings, kind, self.gpu_memory(),
                              text_encoder_trainable=self.text_encoder_trainable(kind) if kind else True)
 
@@ -227,8 +232,9 @@ class Studio:
 
         self._refuse_host_problem()
         project = self.project(name)
-        settings = settings if settings is not None else train_settings.load(project)
-        settings.validate(self.model_kind())  # refused now, not as a failed job
+        kind = self.model_kind()
+        settings = settings if settings is not None else train_settings.load(project, kind)
+        settings.validate(kind)  # refused now, not as a failed job
         if not resume and not restart and has_state(project):
             raise LoraMakerError(f"{name!r} has a stopped run: resume it (Resume, --resume) or start over, which "
                                  "discards it (Start over, --restart)")

@@ -60,7 +60,19 @@ def test_the_old_keep_last_n_epochs_default_becomes_keep_all_and_a_chosen_value_
     for kept, expected in ((10, 0), (3, 3), (0, 0)):
         project.settings_path.write_text(json.dumps({"version": 2, "train": {"keep_last_n_epochs": kept}}),
                                          encoding="utf-8")
-        assert project.settings()["train"]["keep_last_n_epochs"] == expected
+        assert project.settings()["train"].get("keep_last_n_epochs", 0) == expected  # 0, the default, is not written
+
+
+def test_a_file_that_held_every_setting_keeps_only_the_chosen_ones_so_sdxl_gets_its_defaults(tmp_path):
+    from lora_trainer_ext.hosts.host import SDXL
+    from lora_trainer_ext.training import settings as train_settings
+
+    project = Project.open(tmp_path, "p", create=True)
+    written = {**migrations._V3_DEFAULTS, "epochs": 6, "dim": 32}  # as releases before version 4 wrote them
+    project.settings_path.write_text(json.dumps({"version": 3, "train": written}), encoding="utf-8")
+    assert project.settings()["train"] == {"epochs": 6, "dim": 32}
+    on_sdxl = train_settings.load(project, SDXL)
+    assert (on_sdxl.epochs, on_sdxl.dim, on_sdxl.repeats, on_sdxl.batch_size, on_sdxl.unet_lr) == (6, 32, 2, 4, 3e-4)
 
 
 @pytest.mark.parametrize("version, words", [(migrations.VERSION + 1, "newer LoRA Maker"), ("2", "whole number"),

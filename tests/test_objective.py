@@ -52,3 +52,59 @@ def test_loss_is_weighted_per_sample_mean():
     want = torch.zeros(2, 1, 2, 2)
     assert float(objective.loss(pred, want)) == 0.5
     assert float(objective.loss(pred, want, torch.tensor([0.5, 3.0]))) == 0.25
+
+
+def test_multires_noise_adds_coarser_layers_then_rescales_to_unit_std():
+    noise = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = objective.multires_noise(noise, torch.Generator().manual_seed(5), iterations=6, discount=0.3)
+    # By hand: layer i is noise drawn at (32/r^i) per side, r in [2, 4), upsampled, weighted 0.3^i; it stops
+    # once a side is 1 pixel; then the sum is divided by its standard deviation.
+    g, expected, layers = torch.Generator().manual_seed(5), noise.clone(), 0
+    for i in range(6):
+        r = 2 + 2 * torch.rand((), generator=g).item()
+        side = max(1, int(32 / r**i))
+        layer = torch.randn((2, 4, side, side), generator=g)
+        expected += torch.nn.functional.interpolate(layer, size=(32, 32), mode="bilinear") * 0.3**i
+        layers += 1
+        if side == 1:
+            break
+    assert 2 <= layers < 6  # 32 px reaches 1 px before six layers
+    torch.testing.assert_close(out, expected / expected.std())
+    assert abs(out.std().item() - 1) < 1e-5
+    # Coarse layers make whole regions brighter or darker together: neighbouring pixels correlate.
+    def neighbours(x):
+        return (x[..., :-1] * x[..., 1:]).mean().item() / x.var().item()
+
+    strong = objective.multires_noise(noise, torch.Generator().manual_seed(5), iterations=6, discount=0.8)
+    assert neighbours(strong) > 0.2 and abs(neighbours(noise)) < 0.05
+    latents = torch.zeros(2, 4, 32, 32)
+    plain, t_plain = objective.sample(latents, torch.Generator().manual_seed(3), 1000)
+    layered, t_layered = objective.sample(latents, torch.Generator().manual_seed(3), 1000, multires_iterations=6)
+    assert not torch.equal(plain, layered) and abs(layered.std().item() - 1) < 1e-5
+
+
+def test_input_perturbation_changes_only_the_noise_put_into_the_latents():
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert objective.perturbed(noise, torch.Generator().manual_seed(1), 0.0) is noise
+    out = objective.perturbed(noise, torch.Generator().manual_seed(1), 0.1)
+    torch.testing.assert_close(out - noise, 0.1 * torch.randn(noise.shape, generator=torch.Generator().manual_seed(1)))
+
+
+def test_zero_terminal_snr_ends_in_pure_noise_and_keeps_the_first_step():
+    ac = schedule()
+    z = objective.zero_terminal_snr(ac)
+    assert z[-1].item() == 0 and math.isclose(z[0].item(), ac[0].item(), rel_tol=1e-6)
+    assert bool((z[1:] <= z[:-1]).all())  # still falling
+    root, new = ac.double().sqrt(), z.double().sqrt()
+    torch.testing.assert_close(new, (root - root[-1]) * root[0] / (root[0] - root[-1]), atol=1e-6, rtol=0)
+    t = torch.tensor([999, 500])
+    assert objective.snr_weights(t, z, 5.0, "v")[0].item() == 0  # no SNR at the end: no weight, no NaN
+    wanted = objective.target(torch.ones(2, 4, 2, 2), torch.zeros(2, 4, 2, 2), t, z, "v")
+    assert torch.equal(wanted[0], -torch.ones(4, 2, 2))  # v at pure noise is -x0
+
+
+def test_v_prediction_loss_weighed_like_noise_prediction():
+    ac = schedule()
+    t = torch.tensor([0, 500, 999])
+    snr = ac[t] / (1 - ac[t])
+    torch.testing.assert_close(objective.v_pred_like_eps_weights(t, ac), torch.clamp(snr, max=1000) / (torch.clamp(snr, max=1000) + 1))

@@ -218,8 +218,10 @@ def test_the_plan_says_when_a_text_encoder_learning_rate_is_ignored(tmp_path):
     studio = standalone_studio(make_checkpoint(tmp_path / "model", "sdxl"), root=tmp_path / "projects")
     project = studio.project("xl", create=True)
     add_image(project, "0.png", "mychar", size=(64, 64))
-    ignored = [w for w in studio.training_plan("xl").warnings if "text_encoder_lr is ignored" in w]
+    assert studio.training_settings("xl").text_encoder_lr == 0  # SDXL's default here, and no warning
+    assert not any("text_encoder_lr" in w for w in studio.training_plan("xl").warnings)
+    chosen = studio.training_plan("xl", studio.training_settings("xl").replace(text_encoder_lr=1e-4))
+    ignored = [w for w in chosen.warnings if "text_encoder_lr is ignored" in w]
     assert ignored == ["text_encoder_lr is ignored: SDXL trains the UNet only here (the file records "
                        "text_encoder_lr 0); set it to 0 to silence this"]
-    quiet = studio.training_plan("xl", studio.training_settings("xl").replace(text_encoder_lr=0))
-    assert not any("text_encoder_lr" in w for w in quiet.warnings)
+    assert "SDXL-family defaults" in chosen.family_defaults

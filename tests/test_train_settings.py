@@ -92,7 +92,23 @@ def test_save_and_load_through_the_project_settings(project):
     assert train_settings.load(project) == chosen
     stored = json.loads(project.settings_path.read_text(encoding="utf-8"))
     assert stored["dataset"] == {"keep_tokens": 1}  # other sections untouched
-    assert stored["train"]["epochs"] == 6 and stored["train"]["resolution"] is None
+    assert stored["train"] == {"epochs": 6, "network": "locon", "flip_aug": True}  # what differs from the defaults
+
+
+def test_what_the_user_did_not_change_follows_the_model_family(project):
+    sdxl = train_settings.defaults(SDXL)
+    assert (sdxl.repeats, sdxl.batch_size, sdxl.unet_lr, sdxl.dim, sdxl.alpha, sdxl.conv_dim, sdxl.conv_alpha) == \
+        (2, 4, 3e-4, 8, 4.0, 16, 8.0)  # the XL trainer's
+    assert (sdxl.min_snr_gamma, sdxl.multires_noise_iterations, sdxl.multires_noise_discount, sdxl.flip_aug) == \
+        (8.0, 6, 0.3, False)
+    assert sdxl.resolved(SDXL).max_bucket == 4096 and sdxl.resolved(SDXL).gradient_checkpointing
+    assert train_settings.defaults(SD2) == train_settings.defaults(None) == TrainSettings()  # SD1.5's
+    train_settings.save(project, sdxl.replace(epochs=6, dim=32), SDXL)  # chosen with an SDXL model loaded
+    assert project.settings()["train"] == {"epochs": 6, "dim": 32}
+    on_sd1 = train_settings.load(project, SD1)
+    assert (on_sd1.epochs, on_sd1.dim, on_sd1.repeats, on_sd1.unet_lr) == (6, 32, 10, 5e-4)  # SD1's for the rest
+    assert train_settings.load(project, SDXL) == sdxl.replace(epochs=6, dim=32)
+    assert "repeats 2, batch_size 4" in train_settings.family_note(SDXL) and train_settings.family_note(SD1) == ""
 
 
 def test_load_names_the_file_when_it_holds_a_bad_value(project):

@@ -13,7 +13,7 @@ import weakref
 import pytest
 import torch
 from conftest import add_image
-from tiny_hosts import checkpoints_of_every_kind
+from tiny_hosts import checkpoints_of_every_kind, make_checkpoint
 
 from lora_trainer_ext.errors import LoraMakerError
 from lora_trainer_ext.hosts.host import SD1, SD2, SDXL
@@ -236,6 +236,25 @@ def test_non_finite_latents_or_conditioning_are_named_before_anything_is_learned
                 module.weight.copy_(saved)
         assert "half precision" in str(error.value)
         assert not list((tmp_path / "lora").glob("*.safetensors")) and not has_state(dataset)
+
+
+def test_noise_options_train_and_sdxl_v_prediction_gets_zero_terminal_snr(dataset, checkpoints, tmp_path):
+    layered = train(dataset, load_checkpoint(checkpoints[SD1]), settings(epochs=1, multires_noise_iterations=6,
+                                                                          ip_noise_gamma=0.05), tmp_path / "a")
+    _, meta = lora_file.read_lora(layered.final)
+    assert (meta["ss_multires_noise_iterations"], meta["ss_multires_noise_discount"], meta["ss_ip_noise_gamma"]) == \
+        ("6", "0.3", "0.05")
+    assert meta["ss_zero_terminal_snr"] == "False"  # an eps model
+    assert {t.dtype for t in lora_file.read_lora(layered.final)[0].values()} == {torch.float16}
+    kept = train(dataset, load_checkpoint(checkpoints[SD1]), settings(epochs=1, save_precision="fp32"), tmp_path / "d")
+    assert {t.dtype for t in lora_file.read_lora(kept.final)[0].values()} == {torch.float32}
+    vpred = load_checkpoint(make_checkpoint(tmp_path / "xl-v", SDXL, v_prediction=True))  # as NoobAI V-Pred
+    assert vpred.parameterization == "v"
+    result = train(dataset, vpred, settings(epochs=1), tmp_path / "b")
+    _, meta = lora_file.read_lora(result.final)
+    assert meta["ss_zero_terminal_snr"] == meta["ss_scale_v_pred_loss_like_noise_pred"] == "True"  # auto
+    with pytest.raises(LoraMakerError, match="for v-prediction models"):
+        train(dataset, load_checkpoint(checkpoints[SDXL]), settings(zero_terminal_snr=True), tmp_path / "c")
 
 
 @pytest.mark.parametrize("kind, version", [(SD2, "sd_v2_v"), (SDXL, "sdxl_base_v1-0")])

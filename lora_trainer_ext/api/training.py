@@ -7,7 +7,6 @@ from fastapi import APIRouter
 
 from ..errors import LoraMakerError
 from ..studio import Studio
-from ..training.settings import TrainSettings
 from .bodies import TrainRequest
 from .projects import existing
 
@@ -19,7 +18,7 @@ def plan_answer(plan) -> dict:
         raise LoraMakerError(plan.problem)
     return {"line": steps.render(), "images": steps.images, "steps_per_epoch": steps.steps_per_epoch,
             "epochs": steps.epochs, "total_steps": steps.total_steps, "warmup_steps": steps.warmup_steps,
-            "buckets": plan.buckets, "warnings": plan.warnings,
+            "buckets": plan.buckets, "warnings": plan.warnings, "family_defaults": plan.family_defaults,
             "vram": {"model": plan.kind, "estimate_gib": round(plan.estimate.total_gib, 2),
                      "summary": plan.estimate.summary(), "verdict": plan.verdict}}
 
@@ -32,7 +31,8 @@ def add(router: APIRouter, studio: Studio) -> None:
     @router.put("/projects/{name}/train/settings")
     def put_settings(name: str, body: dict):
         project = existing(studio, name)
-        return studio.save_training_settings(project.name, TrainSettings.from_dict(body)).to_dict()
+        # What the body leaves out is the loaded model family's default (SDXL's differ from SD1's).
+        return studio.save_training_settings(project.name, studio.default_training_settings().replace(**body)).to_dict()
 
     @router.get("/projects/{name}/train/plan")
     def plan(name: str):

@@ -195,7 +195,7 @@ def _wire_form(ctx: TabContext, tab, ui, form: _Form) -> None:
 
     @shows_errors
     def open_project(name):
-        settings = studio.training_settings(name) if name else TrainSettings()
+        settings = studio.training_settings(name) if name else studio.default_training_settings()
         return [*form.shown(name, settings), where(name), *form.stopped_run_buttons(name), "", "", name or ""]
 
     def reopened(loaded, name, *values):
@@ -229,7 +229,7 @@ def _wire_buttons(ctx: TabContext, ui, form: _Form) -> None:
                 _notes([f"Loaded the settings saved in {p.settings_path}"])]
 
     def reset_form(name):
-        return [*form.shown(name, TrainSettings()), _notes(["Defaults restored (not saved yet)"])]
+        return [*form.shown(name, studio.default_training_settings()), _notes(["Defaults restored (not saved yet)"])]
 
     @shows_errors
     def apply_preset(name, purpose_value, tier_value, *values):

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from ..training.settings import CHOICES, FIELDS, TrainSettings
 
-# gradient_checkpointing is True, False or None ("by model"): a three-way choice in the form.
-CHECKPOINTING = {"auto": None, "on": True, "off": False}
+# Settings that are True, False or None ("by model"): a three-way choice in the form.
+AUTO_ON_OFF = {"auto": None, "on": True, "off": False}
+THREE_WAY = ("gradient_checkpointing", "zero_terminal_snr", "scale_v_pred_loss")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ GROUPS = (
     ), (
         Input("save_every_n_epochs", "Save every N epochs", "0: only the final LoRA"),
         Input("keep_last_n_epochs", "Keep last N epochs", "0: keep all"),
+        Input("save_precision", "Save precision", "fp16 is what LoRAs are shared in"),
     )),
     Group("Learning", (
         Input("unet_lr", "UNet learning rate", step=1e-5),
@@ -51,6 +53,11 @@ GROUPS = (
         Input("warmup_ratio", "Warmup ratio", step=0.01),
         Input("min_snr_gamma", "Min-SNR gamma", "0: off", step=0.5),
         Input("noise_offset", "Noise offset", "0: off", step=0.01),
+        Input("multires_noise_iterations", "Multires noise", "layers of coarser noise; 0: off (SDXL: 6)"),
+        Input("multires_noise_discount", "Multires discount", step=0.05),
+        Input("ip_noise_gamma", "Input perturbation", "0.05-0.1; 0: off", step=0.01),
+        Input("zero_terminal_snr", "Zero terminal SNR", "auto: on for SDXL v-prediction (NoobAI V-Pred)"),
+        Input("scale_v_pred_loss", "Scale v-pred loss", "like noise prediction; auto: as zero terminal SNR"),
         Input("max_grad_norm", "Max gradient norm", "0: no clipping", step=0.1),
         Input("seed", "Seed"),
     )),
@@ -94,8 +101,8 @@ def component(spec: Input):
 
     common = dict(label=spec.label, info=spec.info or None, elem_id=f"lora_maker_train_{spec.key}",
                   value=form_values(_DEFAULTS)[KEYS.index(spec.key)])
-    if spec.key == "gradient_checkpointing":
-        return gr.Dropdown(list(CHECKPOINTING), **common)
+    if spec.key in THREE_WAY:
+        return gr.Dropdown(list(AUTO_ON_OFF), **common)
     if spec.key in CHOICES:
         return gr.Dropdown(list(CHOICES[spec.key]), **common)
     if isinstance(getattr(_DEFAULTS, spec.key), bool):
@@ -106,12 +113,14 @@ def component(spec: Input):
 def form_values(settings: TrainSettings) -> list:
     """The inputs' values for `settings`, in INPUTS order."""
     values = settings.to_dict()
-    values["gradient_checkpointing"] = next(k for k, v in CHECKPOINTING.items() if v == settings.gradient_checkpointing)
+    for key in THREE_WAY:
+        values[key] = next(k for k, v in AUTO_ON_OFF.items() if v == values[key])
     return [values[key] for key in KEYS]
 
 
 def settings_from(values) -> TrainSettings:
     """TrainSettings from the inputs' values (INPUTS order); LoraMakerError names a bad one."""
     given = dict(zip(KEYS, values))
-    given["gradient_checkpointing"] = CHECKPOINTING.get(given["gradient_checkpointing"])
+    for key in THREE_WAY:
+        given[key] = AUTO_ON_OFF.get(given[key])
     return TrainSettings.from_dict(given)

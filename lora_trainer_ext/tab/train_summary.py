@@ -25,8 +25,10 @@ def plan_html(plan: TrainingPlan | None) -> str:
     if every and steps.epochs > 1:
         facts.append(f"a LoRA saved every {every} epochs" if every > 1 else "a LoRA saved each epoch")
     warnings = "".join(f"<li>{html.escape(w)}</li>" for w in plan.warnings)
+    family = (f'<div class="lora-maker-note lora-maker-train-family">{html.escape(plan.family_defaults)}</div>'
+              if plan.family_defaults else "")
     body = (f'<div class="lora-maker-train-line" data-steps="{steps.total_steps}">{html.escape(steps.render())}</div>'
-            f'<div class="lora-maker-note">{html.escape(" · ".join(facts))}</div>'
+            f'<div class="lora-maker-note">{html.escape(" · ".join(facts))}</div>' + family
             + (f'<ul class="lora-maker-train-warnings">{warnings}</ul>' if warnings else ""))
     return _box("plan", body)
 

@@ -186,7 +186,8 @@ RUN_KEYS = (
     "multires_noise_iterations", "multires_noise_discount", "keep_tokens", "flip_aug", "shuffle_caption",
     "caption_dropout_rate", "caption_tag_dropout_rate", "enable_bucket", "min_bucket_reso",
     "max_bucket_reso", "bucket_no_upscale", "bucket_info", "dataset_dirs", "tag_frequency", "resolution",
-    "training_comment", "prior_loss_weight", "zero_terminal_snr",
+    "training_comment", "prior_loss_weight", "zero_terminal_snr", "ip_noise_gamma",
+    "scale_v_pred_loss_like_noise_pred",
     # modelspec only (not ss_): the activation tags and free text
     "trigger_phrase", "description",
 )

@@ -16,7 +16,7 @@ from ..project import Project
 from . import vram
 from .buckets import BucketPlan
 from .schedules import WARMUP_SCHEDULERS, warmup_steps
-from .settings import TrainSettings
+from .settings import TrainSettings, family_note
 
 GUIDE_STEPS = (250, 1000)  # the guide's advice for total steps
 _ORIENTATION, _SIDEWAYS = 0x0112, (5, 6, 7, 8)  # EXIF orientations that swap width and height
@@ -132,6 +132,11 @@ class TrainingPlan:
     estimate: vram.Estimate
     gpu: tuple[float, float] | None  # free, total GiB of the GPU training would use
     problem: str = ""
+
+    @property
+    def family_defaults(self) -> str:
+        """The model family's defaults in effect, when they are not SD1.5's ("" otherwise)."""
+        return family_note(self.kind)
 
     @property
     def warnings(self) -> list[str]:

@@ -18,11 +18,22 @@ from ..hosts.host import SD1, SD2, SDXL
 from ..project import Project
 from .schedules import SCHEDULERS
 
+# Where SDXL-family models (Illustrious, Pony, NoobAI, Animagine) differ from the SD1.5 trainer's defaults
+# (the dataclass's): the XL trainer's (seed-notebooks.md §4-5). The text encoders keep lr 0 until LoRA Maker
+# trains SDXL's. A project's settings.json holds only what the user changed from its model's defaults.
+FAMILY_DEFAULTS = {
+    SDXL: dict(repeats=2, batch_size=4, unet_lr=3e-4, text_encoder_lr=0.0, dim=8, alpha=4.0, conv_dim=16,
+               conv_alpha=8.0, min_snr_gamma=8.0, multires_noise_iterations=6, multires_noise_discount=0.3,
+               max_bucket=4096),
+}
+
 NETWORKS = ("lora", "locon")
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy")
 PRECISIONS = ("fp16", "bf16", "no")
 LATENT_CACHES = ("ram", "disk")
+SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 CHOICES = {
+    "save_precision": SAVE_PRECISIONS,
     "lr_scheduler": SCHEDULERS,
     "network": NETWORKS,
     "optimizer": OPTIMIZERS,
@@ -58,6 +69,7 @@ class TrainSettings:
     batch_size: int = 2  # images per step (all of one bucket)
     save_every_n_epochs: int = 1  # save an epoch's LoRA every N epochs to compare them later; 0: only the final one
     keep_last_n_epochs: int = 0  # keep only the newest N epoch files; 0: keep all (the grid compares every epoch)
+    save_precision: str = "fp16"  # the LoRA files' dtype: fp16 (what everyone shares), bf16 or fp32
     # -- learning --
     unet_lr: float = 5e-4  # UNet learning rate (1e-4 to 2e-4 to "cook slowly")
     text_encoder_lr: float = 1e-4  # text encoder learning rate, 1/2 to 1/5 of the UNet's; 0: UNet only
@@ -66,6 +78,11 @@ class TrainSettings:
     warmup_ratio: float = 0.05  # share of the steps spent ramping the learning rate up (not for constant)
     min_snr_gamma: float = 5.0  # min-SNR loss weighting gamma; 0: off
     noise_offset: float = 0.0  # extra per-channel noise that lets the LoRA learn very dark/bright images; 0: off
+    multires_noise_iterations: int = 0  # multi-resolution noise: layers of coarser noise added (XL trainer: 6); 0: off
+    multires_noise_discount: float = 0.3  # weight of each coarser layer, to the power of its depth
+    ip_noise_gamma: float = 0.0  # input perturbation: extra noise in the noisy latents only (0.05-0.1); 0: off
+    zero_terminal_snr: bool | None = None  # rescale the schedule to reach pure noise; None: on for SDXL v-prediction
+    scale_v_pred_loss: bool | None = None  # weigh a v-prediction loss like eps's (SNR / (SNR+1)); None: as above
     seed: int = 42  # seed of shuffles, augmentations, noise and the network's initial weights
     optimizer: str = "AdamW"  # AdamW; AdamW8bit (bitsandbytes) or Prodigy (prodigyopt, lr about 1) when installed
     max_grad_norm: float = 1.0  # gradient norm clipping; 0: off
@@ -131,7 +148,8 @@ class TrainSettings:
             need(value is None or value >= 1, f"{name} must be at least 1 (got {value})")
         need(self.max_steps is not None or self.epochs >= 1, f"epochs must be at least 1 (got {self.epochs})")
         for name in ("unet_lr", "text_encoder_lr", "min_snr_gamma", "noise_offset", "max_grad_norm",
-                     "save_every_n_epochs", "keep_last_n_epochs", "keep_tokens"):  # fmt: skip
+                     "save_every_n_epochs", "keep_last_n_epochs", "keep_tokens", "multires_noise_iterations",
+                     "ip_noise_gamma"):  # fmt: skip
             value = getattr(self, name)
             need(value is None or value >= 0, f"{name} must not be negative (got {value})")
         need(self.unet_lr > 0 or self.text_encoder_lr > 0, "unet_lr and text_encoder_lr are both 0: nothing would train")
@@ -142,6 +160,8 @@ class TrainSettings:
         for name in ("caption_dropout", "tag_dropout"):
             need(0 <= getattr(self, name) <= 1, f"{name} is a chance between 0 and 1 (got {getattr(self, name)})")
         need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be from 0 to below 1 (got {self.warmup_ratio})")
+        need(0 < self.multires_noise_discount <= 1,
+             f"multires_noise_discount must be above 0 and at most 1 (got {self.multires_noise_discount})")
         for name, allowed in CHOICES.items():
             value = getattr(self, name)
             need(value in allowed, f"{name} must be one of {', '.join(allowed)} (got {value!r})")
@@ -267,14 +287,30 @@ def parse_set(pairs: list[str]) -> dict:
     return values
 
 
-def load(project: Project) -> TrainSettings:
-    """The project's saved training settings (defaults for anything not saved)."""
+def family_note(kind: str | None) -> str:
+    """What differs in `kind`'s defaults, for the plan ("" for SD1/SD2: the SD1.5 trainer's)."""
+    changes = FAMILY_DEFAULTS.get(kind)
+    if not changes:
+        return ""
+    listed = ", ".join(f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}" for key, value in changes.items())
+    return f"SDXL-family defaults (the XL trainer's) for what the project has not changed: {listed}"
+
+
+def defaults(kind: str | None) -> TrainSettings:
+    """The defaults for a model of `kind` (None: none loaded, SD1.5's)."""
+    return TrainSettings(**FAMILY_DEFAULTS.get(kind, {}))
+
+
+def load(project: Project, kind: str | None = None) -> TrainSettings:
+    """The project's training settings for a model of `kind`: what the user changed, over `kind`'s defaults."""
     section = project.settings().get("train", {})
     try:
-        return TrainSettings.from_dict(section)
+        return defaults(kind).replace(**section)
     except LoraMakerError as e:
         raise LoraMakerError(f"{project.settings_path}: {e} (fix or remove it in the \"train\" section)") from None
 
 
-def save(project: Project, settings: TrainSettings) -> None:
-    project.update_settings(train=settings.to_dict())
+def save(project: Project, settings: TrainSettings, kind: str | None = None) -> None:
+    """Keep what differs from `kind`'s defaults (the rest follows the model the next run trains on)."""
+    base = defaults(kind).to_dict()
+    project.replace_settings(train={k: v for k, v in settings.to_dict().items() if v != base[k]})

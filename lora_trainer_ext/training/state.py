@@ -19,7 +19,8 @@ from .settings import TrainSettings
 
 STATE_FILE = "state.pt"
 # Settings that change when or where files are written, or how memory is spent, not what is learned.
-NOT_LEARNED = frozenset({"save_every_n_epochs", "keep_last_n_epochs", "cache_latents", "gradient_checkpointing"})
+NOT_LEARNED = frozenset({"save_every_n_epochs", "keep_last_n_epochs", "cache_latents", "gradient_checkpointing",
+                         "save_precision"})
 
 
 def state_dir(project: Project) -> Path:

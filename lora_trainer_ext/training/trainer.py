@@ -23,7 +23,7 @@ import torch
 
 from ..dataset.curate import activation_tags
 from ..errors import LoraMakerError
-from ..hosts.host import Host, gpu_memory
+from ..hosts.host import SDXL, Host, gpu_memory
 from ..progress import Control, Progress, Status
 from ..project import Project
 from . import lora_file, objective
@@ -35,6 +35,9 @@ from .optimizers import autocast_for, make_optimizer, precision_used
 from .schedules import make_scheduler
 from .settings import TrainSettings
 from .state import changed_settings, read_state, state_dir, state_path, write_state
+
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
@@ -63,6 +66,14 @@ class _Trainer:
             raise LoraMakerError("nothing would be trained: unet_lr is 0 and this model's text encoder is not trained")
         if host.device.type == "cuda" and settings.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
             raise LoraMakerError("this GPU has no bf16: set mixed_precision=fp16")
+        # NoobAI V-Pred and its kind were trained to reach pure noise: auto means on for SDXL v-prediction.
+        v_prediction = host.parameterization == "v"
+        auto = host.kind == SDXL and v_prediction
+        self.zero_terminal_snr = auto if settings.zero_terminal_snr is None else settings.zero_terminal_snr
+        self.scale_v_pred_loss = auto if settings.scale_v_pred_loss is None else settings.scale_v_pred_loss
+        if (self.zero_terminal_snr or self.scale_v_pred_loss) and not v_prediction:
+            raise LoraMakerError("zero_terminal_snr and scale_v_pred_loss are for v-prediction models; this one "
+                                 "predicts noise (eps): set them to auto or off")
         if settings.mixed_precision == "no" and host.dtype != torch.float32:
             raise LoraMakerError("mixed_precision=no needs the model in full precision (the WebUI's --no-half): "
                                  "use fp16 or bf16")
@@ -86,7 +97,11 @@ class _Trainer:
             "lr_scheduler": s.lr_scheduler, "lr_warmup_steps": self.plan.warmup_steps, "max_grad_norm": s.max_grad_norm,
             "mixed_precision": precision_used(self.host, s.mixed_precision), "gradient_checkpointing": s.gradient_checkpointing,
             "cache_latents": True, "clip_skip": getattr(self.host, "clip_skip", None) if self.host.kind != "sdxl" else None, "min_snr_gamma": s.min_snr_gamma or None,
-            "noise_offset": s.noise_offset or None, "keep_tokens": s.keep_tokens, "flip_aug": s.flip_aug,
+            "noise_offset": s.noise_offset or None, "multires_noise_iterations": s.multires_noise_iterations or None,
+            "multires_noise_discount": s.multires_noise_discount if s.multires_noise_iterations else None,
+            "ip_noise_gamma": s.ip_noise_gamma or None, "zero_terminal_snr": self.zero_terminal_snr,
+            "scale_v_pred_loss_like_noise_pred": self.scale_v_pred_loss,
+            "keep_tokens": s.keep_tokens, "flip_aug": s.flip_aug,
             "shuffle_caption": s.shuffle_tags, "caption_dropout_rate": s.caption_dropout,
             "caption_tag_dropout_rate": s.tag_dropout, "enable_bucket": s.buckets, "min_bucket_reso": s.min_bucket,
             "max_bucket_reso": s.max_bucket, "bucket_no_upscale": s.bucket_no_upscale,
@@ -101,7 +116,7 @@ class _Trainer:
                                      s.conv_alpha if s.network == "locon" else None)
         metadata = lora_file.lora_metadata(self.host.kind, self.host.parameterization, info, self._run_facts(epoch, step))
         tensors = lora_file.to_output_names(self.network.lora_state_dict(), self.host.kind, self.network.module_paths())
-        lora_file.save_lora(path, tensors, metadata)
+        lora_file.save_lora(path, tensors, metadata, SAVE_DTYPES[s.save_precision])
         lora_file.write_card(path, ", ".join(activation_tags(self.project)), 0, self.host.kind)
         self.result.files.append(path)
         return path
@@ -240,7 +255,8 @@ class _Trainer:
         self.losses: list[float] = []
         self.position = None
         step, start_epoch, skip = self._restore() if resume else (0, 0, 0)
-        self.alphas = self.host.alphas_cumprod.to(self.host.device)
+        schedule = self.host.alphas_cumprod
+        self.alphas = (objective.zero_terminal_snr(schedule) if self.zero_terminal_snr else schedule).to(self.host.device)
         self.params = list(self.network.parameters())
         self.network.train()
         self.started, self.first_step = time.monotonic(), step
@@ -303,8 +319,10 @@ class _Trainer:
         """One optimizer step on the batch `plan`; returns (loss, the learning rate it used)."""
         s, host = self.settings, self.host
         latents = torch.stack([cached(self.cache, key) for key in plan.keys]).to(host.device)
-        noise, timesteps = objective.sample(latents, self.generator, len(host.alphas_cumprod), s.noise_offset)
-        noisy = objective.add_noise(latents, noise, timesteps, self.alphas)
+        noise, timesteps = objective.sample(latents, self.generator, len(host.alphas_cumprod), s.noise_offset,
+                                            s.multires_noise_iterations, s.multires_noise_discount)
+        noisy = objective.add_noise(latents, objective.perturbed(noise, self.generator, s.ip_noise_gamma), timesteps,
+                                    self.alphas)
         sizes = self.data.sizes(plan) if host.kind == "sdxl" else None
         with self.autocast:
             with torch.set_grad_enabled(self.train_te):
@@ -315,6 +333,9 @@ class _Trainer:
         wanted = objective.target(latents, noise, timesteps, self.alphas, host.parameterization)
         weights = (objective.snr_weights(timesteps, self.alphas, s.min_snr_gamma, host.parameterization)
                    if s.min_snr_gamma else None)
+        if self.scale_v_pred_loss:
+            scale = objective.v_pred_like_eps_weights(timesteps, self.alphas)
+            weights = scale if weights is None else weights * scale
         loss = objective.loss(prediction, wanted, weights)
         if not torch.isfinite(loss):
             if self.position:
