@@ -36,7 +36,6 @@ from .schedules import make_scheduler
 from .settings import TrainSettings
 from .state import changed_settings, read_state, state_dir, state_path, write_state
 
-
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
