@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-COLUMNS = ["model", "resolution", "batch", "network", "s/step", "samples/s", "peak mem", "floor s/step", "ratio"]
+COLUMNS = ["model", "resolution", "batch", "network", "TE cache", "s/step", "samples/s", "peak mem", "floor s/step",
+           "ratio"]
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -40,13 +41,22 @@ def test_bench_train_tiny_prints_a_consistent_table():
     rows = table(done.stdout)
     assert [row["network"] for row in rows] == ["lora", "locon"]
     for row in rows:
-        assert (row["model"], row["resolution"], row["batch"]) == ("tiny", "64px", "2")
+        assert (row["model"], row["resolution"], row["batch"], row["TE cache"]) == ("tiny", "64px", "2", "no")
         step, rate, floor, ratio = (float(row[k]) for k in ("s/step", "samples/s", "floor s/step", "ratio"))
         assert step > 0 and floor > 0
         assert rate == pytest.approx(2 / step, rel=0.02, abs=0.01)
         assert ratio == pytest.approx(step / floor, rel=0.02, abs=0.002)
         amount, unit = row["peak mem"].split()
         assert unit == "GiB" and 0 < float(amount) < 64
+
+
+def test_bench_train_sdxl_rows_come_with_and_without_cached_text_encoder_outputs():
+    done = bench_train("--model", "tiny-sdxl", "--network", "lora", "--steps", "2", "--batch", "2", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    rows = table(done.stdout)
+    assert [(row["model"], row["network"], row["TE cache"]) for row in rows] == [
+        ("tiny-sdxl", "lora", "no"), ("tiny-sdxl", "lora", "ram")]
+    assert all(float(row["s/step"]) > 0 for row in rows)
 
 
 def test_bench_train_refuses_bad_numbers():

@@ -257,6 +257,25 @@ def test_noise_options_train_and_sdxl_v_prediction_gets_zero_terminal_snr(datase
         train(dataset, load_checkpoint(checkpoints[SDXL]), settings(zero_terminal_snr=True), tmp_path / "c")
 
 
+@pytest.mark.parametrize("kind", [SD1, SDXL])
+def test_cached_text_encoder_outputs_train_the_same_lora(dataset, checkpoints, tmp_path, kind):
+    long = ", ".join(["mychar", "1girl"] + ["red hair", "blue eyes", "smile", "dress", "sky"] * 12)  # 2 chunks
+    (dataset.dataset_dir / "0.txt").write_text(long, encoding="utf-8")  # batched with a 1-chunk caption
+    host = load_checkpoint(checkpoints[kind])
+    plain = settings(epochs=1, text_encoder_lr=0.0, shuffle_tags=False)
+    files = {cache: train(dataset, host, plain.replace(cache_text_encoder_outputs=cache), tmp_path / cache).final
+             for cache in ("no", "ram", "disk")}
+    a, _ = lora_file.read_lora(files["no"])
+    for cache in ("ram", "disk"):
+        b, _ = lora_file.read_lora(files[cache])
+        assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-4) for k in a), cache
+    assert any((state_dir(dataset) / "text").glob("*.pt"))
+    with pytest.raises(LoraMakerError, match="cache_text_encoder_outputs needs text_encoder_lr 0"):
+        train(dataset, host, plain.replace(cache_text_encoder_outputs="ram", text_encoder_lr=1e-4), tmp_path / "x")
+    assert any("captions" in w or "used as written" in w for w in
+               settings(cache_text_encoder_outputs="ram", text_encoder_lr=0.0).validate(kind))
+
+
 @pytest.mark.parametrize("kind, version", [(SD2, "sd_v2_v"), (SDXL, "sdxl_base_v1-0")])
 def test_sd2_v_and_sdxl_locon(dataset, checkpoints, tmp_path, kind, version):
     host = load_checkpoint(checkpoints[kind])

@@ -201,7 +201,7 @@ def cmd_bench(args, studio) -> None:
                               on_row=lambda row: print("  ".join(grid_row(row)), file=sys.stderr, flush=True))
         say(grid_table(rows, device))
         return
-    models = args.model or (["sd15", "sdxl"] if gpu else ["small"])
+    models = args.model or (["sd15", "sdxl"] if gpu else ["small", "tiny-sdxl"])
     steps = args.steps if args.steps is not None else (20 if gpu else 8)
     rows = train_benchmark(models, args.network or ["lora", "locon"], batch=args.batch, steps=steps,
                            resolution=args.resolution, device=device,

@@ -152,9 +152,10 @@ def _app_commands(commands) -> None:
                             "step on a random-weight model against the bare forward+backward (the floor); grid: "
                             "seconds per grid image rendered headless against sampling + decoding alone")
     bench.add_argument("--images", type=int, default=200, metavar="N", help="dedupe: images generated for the hashing benchmark")
-    bench.add_argument("--model", action="append", choices=["tiny", "small", "sd15", "sdxl"], default=None,
-                       help="train, grid: model shape, repeatable (default: train small, grid tiny and small on the "
-                            "CPU; sd15 and sdxl on a GPU)")
+    bench.add_argument("--model", action="append", choices=["tiny", "tiny-sdxl", "small", "sd15", "sdxl"], default=None,
+                       help="train, grid: model shape, repeatable (default: train small and tiny-sdxl, grid tiny and "
+                            "small on the CPU; sd15 and sdxl on a GPU); SDXL rows come with and without cached "
+                            "text-encoder outputs")
     bench.add_argument("--network", action="append", choices=["lora", "locon"], default=None,
                        help="train: network, repeatable (default: both)")
     bench.add_argument("--batch", type=int, default=4, metavar="N", help="train: batch size (default: 4)")

@@ -15,6 +15,7 @@ grid: in bench_grid.py.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import platform
 import statistics
@@ -110,10 +111,11 @@ WARMUP_STEPS = 2  # not timed: first-call allocations, the optimizer's state, au
 
 @dataclass
 class TrainCase:
-    model: str  # a random_models preset
+    model: str  # a random_models preset ("tiny-sdxl": that preset's SDXL)
     resolution: int
     batch: int
     network: str  # "lora" or "locon"
+    text_cache: str = "no"  # cache_text_encoder_outputs
 
 
 @dataclass
@@ -225,7 +227,8 @@ def bench_settings(case: TrainCase, steps: int) -> TrainSettings:
     (so no epoch file or state is saved between timed steps)."""
     return TrainSettings(resolution=case.resolution, min_bucket=min(256, case.resolution),
                          max_bucket=case.resolution, batch_size=case.batch, repeats=steps, epochs=1,
-                         max_steps=steps, save_every_n_epochs=0, text_encoder_lr=0.0, network=case.network)
+                         max_steps=steps, save_every_n_epochs=0, text_encoder_lr=0.0, network=case.network,
+                         cache_text_encoder_outputs=case.text_cache)
 
 
 def training_step_times(host: Host, project: Project, settings: TrainSettings, lora_dir: Path, warmup: int,
@@ -313,8 +316,10 @@ def train_benchmark(models: list[str], networks: list[str], batch: int = 4, step
         with tempfile.TemporaryDirectory(prefix="lora-maker-bench-") as tmp:
             host = bench_host(Path(tmp) / "model", model, device)
             project = synthetic_project(Path(tmp) / "projects", batch, side)
-            for network in networks:
-                case = TrainCase(model, side, batch, network)
+            # SDXL with and without cached text-encoder outputs: what the cache saves per step
+            caches = ("no", "ram") if host.kind == SDXL else ("no",)
+            for network, cache in itertools.product(networks, caches):
+                case = TrainCase(model, side, batch, network, cache)
                 settings = bench_settings(case, warmup + steps)
                 ours, peak = training_step_times(host, project, settings, Path(tmp) / "lora", warmup, memory)
                 floor = floor_step_times(host, settings, steps, warmup)
@@ -328,7 +333,8 @@ def train_benchmark(models: list[str], networks: list[str], batch: int = 4, step
     return rows
 
 
-TRAIN_COLUMNS = ("model", "resolution", "batch", "network", "s/step", "samples/s", "peak mem", "floor s/step", "ratio")
+TRAIN_COLUMNS = ("model", "resolution", "batch", "network", "TE cache", "s/step", "samples/s", "peak mem",
+                 "floor s/step", "ratio")
 
 
 def _size(n: int | None) -> str:
@@ -337,7 +343,8 @@ def _size(n: int | None) -> str:
 
 def train_row(row: TrainRow) -> tuple[str, ...]:
     c = row.case
-    return (c.model, f"{c.resolution}px", str(c.batch), c.network, f"{row.step_s:.3f}", f"{row.samples_per_s:.2f}",
+    return (c.model, f"{c.resolution}px", str(c.batch), c.network, c.text_cache, f"{row.step_s:.3f}",
+            f"{row.samples_per_s:.2f}",
             _size(row.peak_bytes), f"{row.floor_s:.3f}", f"{row.ratio:.3f}")
 
 

@@ -104,7 +104,10 @@ PRESETS: dict[str, dict[str, ModelShapes]] = {
 
 
 def preset(name: str, kind: str | None = None) -> tuple[str, ModelShapes]:
-    """(kind, shapes) of preset `name`; `kind` defaults to the preset's first (SD1 where it has one)."""
+    """(kind, shapes) of preset `name` ("tiny-sdxl": the tiny preset's SDXL); `kind` defaults to the
+    preset's first (SD1 where it has one)."""
+    if kind is None and "-" in name:
+        name, kind = name.split("-", 1)
     kinds = PRESETS.get(name)
     if kinds is None:
         raise LoraMakerError(f"unknown model preset {name!r}: choose one of {', '.join(PRESETS)}")
@@ -288,4 +291,5 @@ def preset_checkpoint(folder, name: str, kind: str | None = None, **options) -> 
     `options` as for make_checkpoint (v_prediction, seed, dtype, device)."""
     kind, shapes = preset(name, kind)
     v = "-v" if options.get("v_prediction") else ""
-    return make_checkpoint(folder, kind, shapes, name=options.pop("name", None) or f"{name}-{kind}{v}", **options)
+    stem = name.split("-")[0]
+    return make_checkpoint(folder, kind, shapes, name=options.pop("name", None) or f"{stem}-{kind}{v}", **options)

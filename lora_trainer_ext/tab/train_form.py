@@ -86,6 +86,7 @@ GROUPS = (
         Input("mixed_precision", "Mixed precision"),
         Input("gradient_checkpointing", "Gradient checkpointing", "auto: on for SDXL; saves memory, ~20% slower"),
         Input("cache_latents", "Cache latents in"),
+        Input("cache_text_encoder_outputs", "Cache text-encoder outputs", "only without text-encoder training"),
         Input("clip_skip", "Clip skip", "empty: the WebUI's setting", optional=True),
     )),
 )

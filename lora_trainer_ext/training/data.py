@@ -275,8 +275,11 @@ class TrainData:
     def sizes(self, plan: BatchPlan) -> list[SizeInfo]:
         """The SDXL size conditioning of a planned batch, without loading pixels (the crop depends
         only on the image size and its bucket)."""
-        items = [(self.items[s.index], s) for s in plan.samples]
-        return [size_info(item.width, item.height, self.bucket(s.index), s.flip) for item, s in items]
+        return self.sizes_of(plan.keys)
+
+    def sizes_of(self, keys: list[tuple[int, bool]]) -> list[SizeInfo]:
+        """The SDXL size conditioning of (image index, flip) keys."""
+        return [size_info(self.items[i].width, self.items[i].height, self.bucket(i), flip) for i, flip in keys]
 
 
 # ---- metadata ----

@@ -31,6 +31,7 @@ NETWORKS = ("lora", "locon")
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy")
 PRECISIONS = ("fp16", "bf16", "no")
 LATENT_CACHES = ("ram", "disk")
+TEXT_CACHES = ("no", "ram", "disk")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 CHOICES = {
     "save_precision": SAVE_PRECISIONS,
@@ -39,6 +40,7 @@ CHOICES = {
     "optimizer": OPTIMIZERS,
     "mixed_precision": PRECISIONS,
     "cache_latents": LATENT_CACHES,
+    "cache_text_encoder_outputs": TEXT_CACHES,
 }
 # The package each optional optimizer comes from (AdamW is torch's own).
 OPTIMIZER_PACKAGES = {"AdamW8bit": "bitsandbytes", "Prodigy": "prodigyopt"}
@@ -96,6 +98,9 @@ class TrainSettings:
     mixed_precision: str = "fp16"  # autocast dtype: fp16 (with loss scaling), bf16, or no
     gradient_checkpointing: bool | None = None  # recompute activations to save memory; None: on for SDXL only
     cache_latents: str = "ram"  # encode every image once and keep the latents in ram, or on disk for big sets
+    # encode every caption once (ram or disk) when the text encoders are not trained: faster, and the run
+    # needs no text encoder; tags are then not shuffled and nothing is dropped
+    cache_text_encoder_outputs: str = "no"
     clip_skip: int | None = None  # text encoder layer from the end; None: the host's own setting (the WebUI's)
 
     # ---- conversion ----
@@ -122,8 +127,11 @@ class TrainSettings:
         keep_tokens = self.keep_tokens
         if keep_tokens is None:
             keep_tokens = int((project.settings().get("dataset", {}) if project else {}).get("keep_tokens", 0) or 0)
+        fixed_captions = {} if self.cache_text_encoder_outputs == "no" else dict(
+            shuffle_tags=False, tag_dropout=0.0, caption_dropout=0.0)  # what a cached caption cannot vary
         return dataclasses.replace(
             self,
+            **fixed_captions,
             resolution=resolution,
             max_bucket=self.max_bucket or (1024 if resolution <= 512 else 2 * resolution),
             keep_tokens=keep_tokens,
@@ -153,6 +161,8 @@ class TrainSettings:
             value = getattr(self, name)
             need(value is None or value >= 0, f"{name} must not be negative (got {value})")
         need(self.unet_lr > 0 or self.text_encoder_lr > 0, "unet_lr and text_encoder_lr are both 0: nothing would train")
+        need(self.cache_text_encoder_outputs == "no" or self.text_encoder_lr == 0,
+             "cache_text_encoder_outputs needs text_encoder_lr 0: a text encoder whose outputs are cached cannot learn")
         need(self.alpha > 0, f"alpha must be above 0 (got {self.alpha})")
         if self.network == "locon":
             need(self.conv_dim >= 1, f"conv_dim must be at least 1 for locon (got {self.conv_dim})")
@@ -191,6 +201,9 @@ class TrainSettings:
             raise LoraMakerError("bad training settings: " + "; ".join(problems))
 
         advice = []
+        if self.cache_text_encoder_outputs != "no" and (self.shuffle_tags or self.tag_dropout or self.caption_dropout):
+            advice.append("with cached text-encoder outputs every caption is used as written: tags are not shuffled "
+                          "and no tag or caption is dropped")
         if self.optimizer == "Prodigy" and max(self.unet_lr, self.text_encoder_lr) <= 0.1:
             advice.append("Prodigy finds its own step size: set unet_lr (and text_encoder_lr) to about 1")
         if self.text_encoder_lr > self.unet_lr > 0:

@@ -35,6 +35,7 @@ from .optimizers import autocast_for, make_optimizer, precision_used
 from .schedules import make_scheduler
 from .settings import TrainSettings
 from .state import changed_settings, read_state, state_dir, state_path, write_state
+from .text_cache import batch_conditioning, cache_conditioning
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -209,6 +210,12 @@ class _Trainer:
                 disk = state_dir(self.project) / "latents"
                 disk.mkdir(parents=True, exist_ok=True)
             self.cache = self._freeing_on_oom(cache_latents, self.host, self.data, self.progress, disk)
+            self.text_cache = None
+            if s.cache_text_encoder_outputs != "no":
+                disk = state_dir(self.project) / "text" if s.cache_text_encoder_outputs == "disk" else None
+                if disk:
+                    disk.mkdir(parents=True, exist_ok=True)
+                self.text_cache = self._freeing_on_oom(cache_conditioning, self.host, self.data, self.progress, disk)
             config = NetworkConfig(s.network, s.dim, s.alpha, s.conv_dim, s.conv_alpha)
             self.network = Network(self.host, config, train_text_encoder=self.train_te)
             try:
@@ -237,7 +244,7 @@ class _Trainer:
     def _free_memory(self) -> None:
         import gc
 
-        for name in ("optimizer", "scheduler", "scaler", "cache"):  # the run is over: its state can go
+        for name in ("optimizer", "scheduler", "scaler", "cache", "text_cache"):  # the run is over: its state can go
             setattr(self, name, None)
         for p in getattr(self, "params", ()):
             p.grad = None
@@ -324,8 +331,11 @@ class _Trainer:
                                     self.alphas)
         sizes = self.data.sizes(plan) if host.kind == "sdxl" else None
         with self.autocast:
-            with torch.set_grad_enabled(self.train_te):
-                cond = host.conditioning(plan.captions, sizes)
+            if self.text_cache is not None:
+                cond = batch_conditioning(self.text_cache, plan.keys, host.device)
+            else:
+                with torch.set_grad_enabled(self.train_te):
+                    cond = host.conditioning(plan.captions, sizes)
             if step == self.first_step:
                 _check_conditioning(cond, plan.captions)
             prediction = host.apply_model(noisy.to(host.dtype), timesteps, cond)
