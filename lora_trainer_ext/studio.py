@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 from .errors import Busy, LoraMakerError
-from .hosts.host import SDXL, Host, gpu_memory
+from .hosts.host import Host, gpu_memory
 from .jobs import Job, JobProgress, JobRunner
 from .paths import OPT_DEFAULT_PRESET, OPT_DEFAULT_TAGGER, OPT_TAG_CHARACTER_THRESHOLD, OPT_TAG_THRESHOLD
 from .progress import Status
@@ -40,8 +40,6 @@ class Studio:
     files_saved: Callable[[list[Path]], None] = lambda files: None  # e.g. refresh the WebUI's Lora list
     gpu_memory: Callable[[], tuple[float, float] | None] = gpu_memory  # free, total GiB of the training GPU
     option: Callable[[str], Any] = lambda key: None  # a setting of the host (the WebUI's Settings page)
-    # Whether the host trains a text-encoder LoRA for a model kind (headless: SD1 and SD2's; SDXL: the UNet only).
-    text_encoder_trainable: Callable[[str], bool] = lambda kind: kind != SDXL
     # What renders grid cells (the WebUI's txt2img, or the standalone sampler), inside the GPU job.
     open_renderer: Callable[[], ContextManager] | None = None
     # The render settings grids start from (the WebUI's txt2img defaults there).
@@ -219,8 +217,7 @@ class Studio:
         kind = self.model_kind()
         if settings is None:
             settings = train_settings.load(project, kind) if project else train_settings.defaults(kind)
-        return training_plan(project, settings, kind, self.gpu_memory(),
-                             text_encoder_trainable=self.text_encoder_trainable(kind) if kind else True)
+        return training_plan(project, settings, kind, self.gpu_memory())
 
     def start_training(self, name: str, settings: TrainSettings | None = None, resume: bool = False,
                        grid: bool = False, restart: bool = False) -> Job:

@@ -214,14 +214,18 @@ def test_a_stopped_run_is_resumed_or_discarded_on_purpose_never_overwritten(buck
     assert state.read_bytes() == b"a stopped run"
 
 
-def test_the_plan_says_when_a_text_encoder_learning_rate_is_ignored(tmp_path):
+def test_an_sdxl_model_gets_the_xl_trainers_defaults_and_the_plan_says_so(tmp_path):
+    from lora_trainer_ext.api.training import plan_answer
+
     studio = standalone_studio(make_checkpoint(tmp_path / "model", "sdxl"), root=tmp_path / "projects")
     project = studio.project("xl", create=True)
     add_image(project, "0.png", "mychar", size=(64, 64))
-    assert studio.training_settings("xl").text_encoder_lr == 0  # SDXL's default here, and no warning
-    assert not any("text_encoder_lr" in w for w in studio.training_plan("xl").warnings)
-    chosen = studio.training_plan("xl", studio.training_settings("xl").replace(text_encoder_lr=1e-4))
-    ignored = [w for w in chosen.warnings if "text_encoder_lr is ignored" in w]
-    assert ignored == ["text_encoder_lr is ignored: SDXL trains the UNet only here (the file records "
-                       "text_encoder_lr 0); set it to 0 to silence this"]
-    assert "SDXL-family defaults" in chosen.family_defaults
+    settings = studio.training_settings("xl")
+    assert (settings.repeats, settings.batch_size, settings.unet_lr, settings.text_encoder_lr, settings.dim) == \
+        (2, 4, 3e-4, 6e-5, 8)
+    plan = studio.training_plan("xl")
+    assert plan.steps.render().startswith("1 images x 2 repeats x 10 epochs / batch 4")
+    assert plan.family_defaults.startswith("SDXL-family defaults") and "multires_noise_iterations 6" in plan.family_defaults
+    assert plan_answer(plan)["family_defaults"] == plan.family_defaults
+    studio.save_training_settings("xl", settings.replace(epochs=4))
+    assert project.settings()["train"] == {"epochs": 4}  # the XL defaults are not written down

@@ -290,8 +290,9 @@ def test_sd2_v_and_sdxl_locon(dataset, checkpoints, tmp_path, kind, version):
     assert meta["ss_network_args"] == '{"conv_dim": "2", "conv_alpha": "2.0"}'
     unet_keys = [k for k in tensors if k.startswith("lora_unet_")]
     assert any("_in_layers_2." in k or "_resnets_0_conv1." in k for k in unet_keys)  # LoCon reached the ResBlocks
-    if kind == SDXL:
-        assert not any(k.startswith("lora_te") for k in tensors)  # SDXL trains the UNet only
+    if kind == SDXL:  # both text encoders, under kohya's names
+        assert any(k.startswith("lora_te1_text_model_encoder_layers_") for k in tensors)
+        assert any(k.startswith("lora_te2_text_model_encoder_layers_") for k in tensors)
         assert any(k.startswith("lora_unet_input_blocks_") for k in unet_keys)
 
 
@@ -396,14 +397,16 @@ def test_trained_sd1_file_loads_in_diffusers_like_the_merged_model(dataset, chec
 
 def test_trained_sdxl_file_loads_in_diffusers(dataset, checkpoints, tmp_path):
     from lora_consumers import import_diffusers
-    from test_lora_file import lora_layers
+    from test_lora_file import lora_layers, merged
 
     diffusers = import_diffusers()
     from diffusers.loaders import StableDiffusionXLLoraLoaderMixin as Mixin
 
-    result = train(dataset, load_checkpoint(checkpoints[SDXL]), settings(network="locon", epochs=1, unet_lr=5e-2),
+    host = load_checkpoint(checkpoints[SDXL])
+    result = train(dataset, host, settings(network="locon", epochs=1, unet_lr=5e-2, text_encoder_lr=5e-2),
                    tmp_path / "lora")
     tensors, _ = lora_file.read_lora(result.final)
+    tensors = {k: v.float() for k, v in tensors.items()}
     # the tiny SDXL host's UNet in diffusers' form: levels (32, 64, 64), transformers at levels 2 and 3
     dunet = diffusers.UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=80, attention_head_dim=2,
@@ -419,8 +422,18 @@ def test_trained_sdxl_file_loads_in_diffusers(dataset, checkpoints, tmp_path):
         before = dunet(x, t, encoder_hidden_states=context, **extra).sample
         state, alphas = Mixin.lora_state_dict(str(result.final), unet_config=dunet.config)
         Mixin.load_lora_into_unet(state, alphas, dunet, low_cpu_mem_usage=False)
-        assert lora_layers(dunet) == sum(k.endswith(".alpha") for k in tensors)
+        assert lora_layers(dunet) == sum(k.startswith("lora_unet_") and k.endswith(".alpha") for k in tensors)
         assert (dunet(x, t, encoder_hidden_states=context, **extra).sample - before).abs().max() > 1e-3
+
+        # Both text encoders, as diffusers loads them from kohya's lora_te1_ / lora_te2_ names.
+        paths = Network(host, NetworkConfig("locon", 4, 4, 2, 1), train_text_encoder=True).module_paths()
+        ids = torch.tensor([[5, 7, 9, 11]])
+        for te, kohya, diffusers_prefix in zip(host.text_encoders, ("lora_te1", "lora_te2"),
+                                               ("text_encoder", "text_encoder_2")):
+            expected = merged(te, tensors, SDXL, paths, kohya)(ids).last_hidden_state
+            Mixin.load_lora_into_text_encoder(state, alphas, te, prefix=diffusers_prefix, low_cpu_mem_usage=False)
+            assert lora_layers(te) == sum(k.startswith(kohya + "_") and k.endswith(".alpha") for k in tensors) > 0
+            assert torch.allclose(te(ids).last_hidden_state, expected, atol=1e-3)
 
 
 def test_latents_cached_on_disk_train_the_same_lora(dataset, checkpoints, tmp_path):
@@ -455,8 +468,8 @@ def test_resume_refuses_a_changed_dataset(dataset, checkpoints, tmp_path):
 
 
 def test_settings_that_cannot_train_this_model_are_refused(dataset, checkpoints, tmp_path):
-    with pytest.raises(LoraMakerError, match="nothing would be trained"):
-        train(dataset, load_checkpoint(checkpoints[SDXL]), settings(unet_lr=0), tmp_path / "lora")
+    with pytest.raises(LoraMakerError, match="nothing would"):
+        train(dataset, load_checkpoint(checkpoints[SDXL]), settings(unet_lr=0, text_encoder_lr=0), tmp_path / "lora")
     half = load_checkpoint(checkpoints[SD1], dtype=torch.float16)
     with pytest.raises(LoraMakerError, match="full precision"):
         train(dataset, half, settings(mixed_precision="no"), tmp_path / "lora")

@@ -63,9 +63,19 @@ def test_the_webuis_lora_extension_loads_every_key_and_the_render_changes(sessio
         assert meta["ss_sd_model_name"] == Path(session["checkpoint"]).name
     lora, locon = session["keys_lora"], session["keys_locon"]
     assert set(lora) < set(locon) and any(k.endswith(("resnets_0_conv1", "in_layers_2")) for k in locon)  # convs too
-    assert any(k.startswith("lora_te") for k in lora) == (session["kind"] == "sd1")  # the UNet only on SD2/SDXL here
-    if session["kind"] == "sdxl":
-        assert session["meta_lora"]["ss_text_encoder_lr"] == "0.0" or "ss_text_encoder_lr" not in session["meta_lora"]
+    # The text encoders too, under kohya's names: OpenCLIP's fused attention (SD2's, SDXL's second) included.
+    prefixes = ["lora_te1_", "lora_te2_"] if session["kind"] == "sdxl" else ["lora_te_"]
+    for prefix in prefixes:
+        layers = {k.removeprefix(prefix) for k in lora if k.startswith(prefix)}
+        assert {"text_model_encoder_layers_0_self_attn_q_proj", "text_model_encoder_layers_0_self_attn_v_proj",
+                "text_model_encoder_layers_1_self_attn_out_proj", "text_model_encoder_layers_1_mlp_fc2"} <= layers
+    assert session["meta_lora"]["ss_text_encoder_lr"] == "0.0001"
+
+
+def test_text_encoder_loras_act_where_they_were_trained(session):
+    mismatch, effect = session["text_encoder_parity"]
+    assert effect > 0.05 and mismatch < 1e-4 * max(1.0, effect)  # the WebUI's merge == our attached modules
+    assert session["unchanged_after_parity"]
 
 
 def test_the_file_records_the_hashes_the_webui_knows_and_its_state_is_kept(session):

@@ -127,6 +127,36 @@ def embedder_attributes(sd_model) -> list[dict]:
             for e in embedders]
 
 
+def text_encoder_parity(host, path: str, name: str) -> list[float]:
+    """[how far the WebUI's conditioning with LoRA file `path` applied (its Lora extension merging it) is from
+    ours with the same file attached as training attaches it, how far from no LoRA at all]: the text
+    encoders' LoRA modules act on the layers they were trained on, q, k and v in their thirds of OpenCLIP's
+    fused attention included."""
+    import networks
+    import torch
+
+    from lora_trainer_ext.training import lora_file
+    from lora_trainer_ext.training.network import Network, NetworkConfig
+
+    captions, sizes = PARITY_CAPTIONS[:2], PARITY_SIZES[:2]
+    with torch.no_grad():
+        plain = conditioning_tensors(host, captions, sizes)["crossattn"]
+        networks.load_networks([name], [1.0], [1.0], [None])
+        theirs = conditioning_tensors(host, captions, sizes)["crossattn"]
+        networks.load_networks([])
+        conditioning_tensors(host, captions, sizes)  # a forward: the Lora extension puts its backups back
+        network = Network(host, NetworkConfig("lora", 4, 4), train_text_encoder=True)
+        tensors, _ = lora_file.read_lora(path)
+        network.load_lora_state_dict(lora_file.from_output_names(
+            {k: v.float() for k, v in tensors.items()}, host.kind, network.module_paths()))
+        network.attach()
+        try:
+            ours = conditioning_tensors(host, captions, sizes)["crossattn"]
+        finally:
+            network.detach()
+    return [(ours - theirs).abs().max().item(), (plain - theirs).abs().max().item()]
+
+
 def main(repo: str, out_dir: str, checkpoint: str) -> dict:
     lora_dir = os.path.join(out_dir, "lora")
     sd_model = start_webui(checkpoint, "--lora-dir", lora_dir)
@@ -218,6 +248,8 @@ def main(repo: str, out_dir: str, checkpoint: str) -> dict:
     found["forwards_restored"] = all("forward" not in m.__dict__ for m in host.unet.modules())
     refresh_loras()
     found["image_after"] = render("a photo of a cat")
+    found["text_encoder_parity"] = text_encoder_parity(host, os.path.join(lora_dir, "lm-merged.safetensors"), "lm-merged")
+    found["unchanged_after_parity"] = parameter_fingerprint(host) == base
     for network_type, result in results.items():
         found[f"files_{network_type}"] = [os.path.basename(p) for p in result.files]
         found[f"steps_{network_type}"] = result.steps

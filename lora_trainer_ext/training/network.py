@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LoraMakerError
-from ..hosts.host import SDXL, Host
+from ..hosts.host import Host
+from .open_clip_lora import OpenClipLoras, is_open_clip
 
 ALGOS = ("lora", "locon")
 UNET_TARGETS = {
@@ -82,11 +83,18 @@ def _quiet():
 
 
 class _Part:
-    """One lycoris network over one root module (the UNet, or one text encoder)."""
+    """One network over one root module (the UNet, or one text encoder): lycoris' for ldm/sgm and HF
+    CLIP modules, `open_clip_lora`'s (with lycoris' interface) for an OpenCLIP text tower."""
 
     def __init__(self, prefix: str, root: torch.nn.Module, targets: list[str], config: NetworkConfig, conv: bool):
         self.prefix = prefix
         self.root = root
+        self._saved_attributes: list[tuple[torch.nn.Module, dict]] = []
+        self.attached = False
+        if is_open_clip(root):
+            self.lycoris = OpenClipLoras(prefix, root, config.dim, config.alpha)
+            self.paths = self.lycoris.paths
+            return
         with _lycoris_preset(target_module=targets, target_name=[], lora_prefix=prefix, enable_conv=conv) as cls, _quiet():
             self.lycoris = cls(
                 root,
@@ -104,7 +112,6 @@ class _Part:
         for lora in self.lycoris.loras:  # lycoris registers them only when attaching; we need them before
             self.lycoris.add_module(lora.lora_name, lora)
         self.paths = self._module_paths()
-        self._saved_attributes: list[tuple[torch.nn.Module, dict]] = []
 
     def _module_paths(self) -> dict[str, str]:
         """lora name -> dotted path of the wrapped layer inside the root (for renaming on save)."""
@@ -112,19 +119,23 @@ class _Part:
         return {lora.lora_name: by_id[id(lora.org_module[0])] for lora in self.lycoris.loras}
 
     def attach(self) -> None:
-        self._saved_attributes = [
-            (lora.org_module[0], {k: lora.org_module[0].__dict__[k] for k in _LYCORIS_ATTRIBUTES if k in lora.org_module[0].__dict__})
-            for lora in self.lycoris.loras
+        self._saved_attributes = [  # what lycoris patches on the layers it wraps (none on OpenCLIP parts)
+            (module, {k: module.__dict__[k] for k in _LYCORIS_ATTRIBUTES if k in module.__dict__})
+            for module in (lora.org_module[0] for lora in self.lycoris.loras if hasattr(lora, "org_module"))
         ]
+        self.attached = True
         self.lycoris.apply_to()
 
     def detach(self) -> None:
+        if not self.attached:
+            return
         self.lycoris.restore()
         for module, saved in self._saved_attributes:
             for key in _LYCORIS_ATTRIBUTES:
                 module.__dict__.pop(key, None)
             module.__dict__.update(saved)
         self._saved_attributes = []
+        self.attached = False
 
 
 class Network:
@@ -139,9 +150,6 @@ class Network:
         locon = config.algo == "locon"
         self.parts = [_Part("lora_unet", host.unet, UNET_TARGETS[config.algo], config, conv=locon)]
         if train_text_encoder:
-            if host.kind == SDXL:
-                # SDXL text-encoder LoRAs do not load in every consumer yet: UNet only, as sd-scripts advises.
-                raise LoraMakerError("text encoder training is not supported for SDXL: set text_encoder_lr=0")
             if not host.text_encoders:
                 raise LoraMakerError("this model offers no trainable text encoder: set text_encoder_lr=0")
             many = len(host.text_encoders) > 1
@@ -174,8 +182,7 @@ class Network:
     def detach(self) -> None:
         if self.attached:
             for part in reversed(self.parts):
-                if part._saved_attributes:
-                    part.detach()
+                part.detach()
             self.attached = False
 
     def parameter_groups(self, unet_lr: float, text_encoder_lr: float) -> list[dict]:

@@ -149,15 +149,11 @@ class TrainingPlan:
 
 
 def training_plan(project: Project | None, settings: TrainSettings, kind: str | None,
-                  gpu: tuple[float, float] | None = None, text_encoder_trainable: bool = True) -> TrainingPlan:
+                  gpu: tuple[float, float] | None = None) -> TrainingPlan:
     """The plan of training `project` (None: none picked yet, no steps) with `settings` on a model of
     `kind` (checked: LoraMakerError for impossible settings). Steps are counted per bucket from the
-    images' headers, as the trainer assigns them. `text_encoder_trainable`: whether the host trains a
-    text-encoder LoRA for this kind (else a text-encoder learning rate is said to be ignored)."""
+    images' headers, as the trainer assigns them."""
     advice = settings.validate(kind)
-    if kind and settings.text_encoder_lr > 0 and not text_encoder_trainable:
-        advice.append(f"text_encoder_lr is ignored: {vram.KIND_NAMES[kind]} trains the UNet only here (the file "
-                      "records text_encoder_lr 0); set it to 0 to silence this")
     resolved = settings.resolved(kind or SD1, project)
     images = project.images() if project else []
     sizes = image_sizes(images) if images else None

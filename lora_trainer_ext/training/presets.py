@@ -3,7 +3,7 @@
 The purpose sets the learning knobs, from the seed guide and the kohya-colab trainers it walks through
 (reference/seed-notebooks.md): LoRA 16/8 at 5e-4 / 1e-4 for characters; LoCon with conv 8/4 for
 styles, at a lower rate and UNet only; a smaller LoRA for concepts; on SDXL the XL trainer's 8/4 at
-3e-4 and no text-encoder training. Repeats and epochs aim at a number of steps inside the guide's
+3e-4 / 6e-5. Repeats and epochs aim at a number of steps inside the guide's
 250-1000 ("few repeats and many epochs") once the dataset's size is known.
 
 The tier sets the memory knobs: the largest batch (and no gradient checkpointing where possible)
@@ -36,9 +36,9 @@ _PURPOSE = {
                     shuffle_tags=True, lr_scheduler="cosine_with_restarts", lr_cycles=3, epochs=10),
 }
 _PURPOSE_SDXL = {
-    "character": dict(dim=8, alpha=4.0, unet_lr=3e-4, text_encoder_lr=0.0),
+    "character": dict(dim=8, alpha=4.0, unet_lr=3e-4, text_encoder_lr=6e-5),
     "style": dict(conv_dim=16, conv_alpha=8.0, unet_lr=2e-4),
-    "concept": dict(unet_lr=3e-4, text_encoder_lr=0.0),
+    "concept": dict(unet_lr=3e-4, text_encoder_lr=6e-5),
 }
 # Total steps each purpose aims at (SD1/SD2, SDXL): styles need more, XL about half the repeats.
 _TARGET_STEPS = {"character": (600, 450), "style": (900, 700), "concept": (500, 400)}
@@ -50,7 +50,7 @@ _WHY = {
     "concept": "concept (a pose, outfit or object): a small LoRA {dim}/{alpha:g} learns the idea rather than the "
                "pictures; UNet {unet_lr:g} / text {text_encoder_lr:g}; mirroring on, the idea reads the same both ways",
 }
-_WHY_SDXL = " (SDXL: the XL trainer's lower rank and rate; its text encoders are not trained)"
+_WHY_SDXL = " (SDXL: the XL trainer's lower rank and rates)"
 # The largest batch each tier tries, by model family; SDXL keeps gradient checkpointing on.
 _MAX_BATCH = {False: {8: 2, 12: 2, 16: 3, 24: 4}, True: {8: 1, 12: 1, 16: 2, 24: 4}}
 _SMALL_CARD = {False: (8,), True: (8, 12)}  # tiers that use AdamW8bit when it is installed

@@ -19,10 +19,10 @@ from ..project import Project
 from .schedules import SCHEDULERS
 
 # Where SDXL-family models (Illustrious, Pony, NoobAI, Animagine) differ from the SD1.5 trainer's defaults
-# (the dataclass's): the XL trainer's (seed-notebooks.md §4-5). The text encoders keep lr 0 until LoRA Maker
-# trains SDXL's. A project's settings.json holds only what the user changed from its model's defaults.
+# (the dataclass's): the XL trainer's (seed-notebooks.md §4-5). A project's settings.json holds only what the
+# user changed from its model's defaults.
 FAMILY_DEFAULTS = {
-    SDXL: dict(repeats=2, batch_size=4, unet_lr=3e-4, text_encoder_lr=0.0, dim=8, alpha=4.0, conv_dim=16,
+    SDXL: dict(repeats=2, batch_size=4, unet_lr=3e-4, text_encoder_lr=6e-5, dim=8, alpha=4.0, conv_dim=16,
                conv_alpha=8.0, min_snr_gamma=8.0, multires_noise_iterations=6, multires_noise_discount=0.3,
                max_bucket=4096),
 }

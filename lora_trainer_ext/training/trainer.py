@@ -61,7 +61,7 @@ class _Trainer:
         self.plan = self.data.step_plan()
         self.total_steps = self.plan.total_steps
         self.epochs = -(-self.total_steps // self.plan.steps_per_epoch)
-        self.train_te = settings.text_encoder_lr > 0 and host.kind != "sdxl" and bool(host.text_encoders)
+        self.train_te = settings.text_encoder_lr > 0 and bool(host.text_encoders)
         if settings.unet_lr <= 0 and not self.train_te:
             raise LoraMakerError("nothing would be trained: unet_lr is 0 and this model's text encoder is not trained")
         if host.device.type == "cuda" and settings.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():

@@ -55,8 +55,8 @@ def model_kind(sd_model) -> str:
 
 
 class WebuiHost:
-    """`Host` over `shared.sd_model`. Text-encoder LoRAs: SD1's HF CLIP only (SD2's OpenCLIP fuses q/k/v,
-    which the LoRA file format cannot address; SDXL trains the UNet)."""
+    """`Host` over `shared.sd_model`. Its text encoders: SD1's HF CLIP, SD2's OpenCLIP, SDXL's HF CLIP and
+    OpenCLIP (training/open_clip_lora.py trains OpenCLIP's fused attention under kohya's names)."""
 
     def __init__(self, sd_model=None):
         from modules import devices, shared
@@ -76,9 +76,7 @@ class WebuiHost:
         self.unet = m.model.diffusion_model
         self.dtype = next(self.unet.parameters()).dtype
         self.vae = m.first_stage_model
-        wrapped = getattr(m.cond_stage_model, "wrapped", None)
-        transformer = getattr(wrapped, "transformer", None) if self.kind == SD1 else None
-        self.text_encoders = [transformer] if isinstance(transformer, torch.nn.Module) else []
+        self.text_encoders = _text_encoders(m, self.kind)
         # The pristine fp32 schedule: `alphas_cumprod` itself may be overridden for sampling.
         schedule = getattr(m, "alphas_cumprod_original", None)
         self.alphas_cumprod = (schedule if schedule is not None else m.alphas_cumprod).detach().float().cpu()
@@ -117,18 +115,37 @@ class WebuiHost:
             "aesthetic_score": pairs([[6.0]] * len(captions)),  # read by the refiner only
         }
         embedders = list(m.conditioner.embedders)
-        rates = [embedder.ucg_rate for embedder in embedders]
+        saved = [(embedder.ucg_rate, embedder.is_trainable) for embedder in embedders]
         for embedder in embedders:
             embedder.ucg_rate = 0.0  # no random caption dropout of sgm's own: the trainer decides dropout
+            # sgm runs an embedder that is not "trainable" under no_grad: a text-encoder LoRA needs gradients
+            embedder.is_trainable = torch.is_grad_enabled()
         try:
             return m.conditioner(batch)
         finally:
-            for embedder, rate in zip(embedders, rates):
-                embedder.ucg_rate = rate
+            for embedder, (rate, trainable) in zip(embedders, saved):
+                embedder.ucg_rate, embedder.is_trainable = rate, trainable
 
     def apply_model(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Any) -> torch.Tensor:
         # The WebUI's patched apply_model casts to the UNet's dtype under its autocast.
         return self.sd_model.apply_model(latents, timesteps, cond).float()
+
+
+def _text_encoders(sd_model, kind: str) -> list[torch.nn.Module]:
+    """The trainable text models inside the WebUI's hijacked embedders (each wrapper's `wrapped` is the
+    ldm/sgm embedder): HF CLIP's `transformer`, OpenCLIP's `model`."""
+    if kind == SDXL:
+        embedders = [e for e in sd_model.conditioner.embedders if getattr(e, "input_key", None) == "txt"]
+    else:
+        embedders = [sd_model.cond_stage_model]
+    found = []
+    for embedder in embedders:
+        wrapped = getattr(embedder, "wrapped", embedder)
+        model = getattr(wrapped, "transformer", None)
+        model = model if isinstance(model, torch.nn.Module) else getattr(wrapped, "model", None)
+        if isinstance(model, torch.nn.Module):
+            found.append(model)
+    return found
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from ..hosts.host import SD1, gpu_memory
+from ..hosts.host import gpu_memory
 from ..jobs import RUNNING, Job, JobRunner
 from ..paths import OPT_MODEL_CACHE, OPT_PROJECTS_ROOT, default_model_cache, default_projects_root
 from ..studio import Studio
@@ -55,7 +55,6 @@ def _build() -> Studio:
         jobs=JobRunner(guard=_as_webui_job, observe=_mirror_to_state),
         files_saved=_refresh_loras,
         gpu_memory=_gpu_memory,
-        text_encoder_trainable=lambda kind: kind == SD1,  # SD2's OpenCLIP fuses q/k/v: see host.WebuiHost
         option=lambda key: shared.opts.data.get(key),
         open_renderer=open_renderer,
         render_defaults=webui_render_defaults,
