@@ -59,10 +59,9 @@ def test_text_encoder_sizes_and_their_lora():
         assert vram.TEXT_PARAMS[SD2] == count(open_h) + 1024 * 1024 + 1  # OpenCLIP keeps its projection, logit scale
         assert vram.TEXT_PARAMS[SDXL] == count(clip_l) + count(big_g)
         config = NetworkConfig("lora", dim=16, alpha=8)
-        for kind, model in ((SD1, clip_l), (SD2, open_h)):
+        for kind, models in ((SD1, [clip_l]), (SD2, [open_h]), (SDXL, [clip_l, big_g])):
             unet, text = vram.lora_parameters(kind, TrainSettings(dim=16, text_encoder_lr=1e-4))
-            assert text == lora_count(model, TEXT_ENCODER_TARGETS, config, conv=False)
-    assert vram.lora_parameters(SDXL, TrainSettings(text_encoder_lr=1e-4))[1] == 0  # never trained (trainer.py)
+            assert text == sum(lora_count(model, TEXT_ENCODER_TARGETS, config, conv=False) for model in models)
 
 
 def test_a_dim_16_sd1_lora_is_the_guides_18_mb():

@@ -56,9 +56,9 @@ UNET_LORA_PER_DIM = {
     (SDXL, "lora"): 2_659_840, (SDXL, "locon"): 2_718_400,
 }
 UNET_LORA_PER_CONV_DIM = {SD1: 544_000, SD2: 544_000, SDXL: 355_840}  # 3x3 convolutions (LoCon)
-# Text-encoder LoRA (CLIP attention and MLP); SD2 as the HF text model network.py wraps. SDXL's text
-# encoders are never trained (trainer.py), so they have none.
-TEXT_LORA_PER_DIM = {SD1: 165_888, SD2: 442_368}
+# Text-encoder LoRA (CLIP attention q/k/v/out and MLP fc1/fc2, kohya's set, OpenCLIP's as its HF twin):
+# CLIP-L, OpenCLIP-H, and SDXL's CLIP-L + OpenCLIP-bigG.
+TEXT_LORA_PER_DIM = {SD1: 165_888, SD2: 442_368, SDXL: 165_888 + 737_280}
 
 # Bytes per trained weight for the optimizer's states.
 OPTIMIZER_STATE_BYTES = {"AdamW": 8, "AdamW8bit": 2, "Prodigy": 16}
