@@ -18,12 +18,24 @@ def test_noise_and_timesteps_are_seeded_and_offset_is_per_channel():
     latents = torch.zeros(3, 4, 8, 8)
     a = objective.sample(latents, torch.Generator().manual_seed(1), 1000)
     b = objective.sample(latents, torch.Generator().manual_seed(1), 1000)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert a[1].min() >= 0 and a[1].max() < 1000
-    plain, _ = objective.sample(latents, torch.Generator().manual_seed(2), 1000)
-    offset, _ = objective.sample(latents, torch.Generator().manual_seed(2), 1000, noise_offset=0.5)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert a[1].min() >= 0 and a[1].max() < 1000 and torch.equal(a[2], a[0])  # no perturbation asked
+    one = latents[:1]
+    plain, _, _ = objective.sample(one, torch.Generator().manual_seed(2), 1000)
+    offset, _, _ = objective.sample(one, torch.Generator().manual_seed(2), 1000, noise_offset=0.5)
     shift = offset - plain
     assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift)) and shift.abs().sum() > 0
+
+
+def test_a_batch_draws_what_its_samples_draw_as_smaller_batches_in_a_row():
+    latents = torch.zeros(4, 4, 8, 8)
+    options = dict(noise_offset=0.1, multires_iterations=3, ip_noise_gamma=0.05)
+    whole = objective.sample(latents, torch.Generator().manual_seed(7), 1000, **options)
+    g = torch.Generator().manual_seed(7)
+    halves = [objective.sample(latents[:2], g, 1000, **options), objective.sample(latents[2:], g, 1000, **options)]
+    for i, part in enumerate(whole):  # what gradient accumulation relies on
+        assert torch.equal(part, torch.cat([half[i] for half in halves]))
+    assert not torch.equal(whole[2], whole[0])  # the latents get the perturbed noise, the target stays eps
 
 
 def test_add_noise_target_and_snr_weights():
@@ -78,9 +90,9 @@ def test_multires_noise_adds_coarser_layers_then_rescales_to_unit_std():
     strong = objective.multires_noise(noise, torch.Generator().manual_seed(5), iterations=6, discount=0.8)
     assert neighbours(strong) > 0.2 and abs(neighbours(noise)) < 0.05
     latents = torch.zeros(2, 4, 32, 32)
-    plain, t_plain = objective.sample(latents, torch.Generator().manual_seed(3), 1000)
-    layered, t_layered = objective.sample(latents, torch.Generator().manual_seed(3), 1000, multires_iterations=6)
-    assert not torch.equal(plain, layered) and abs(layered.std().item() - 1) < 1e-5
+    plain, _, _ = objective.sample(latents, torch.Generator().manual_seed(3), 1000)
+    layered, _, _ = objective.sample(latents, torch.Generator().manual_seed(3), 1000, multires_iterations=6)
+    assert not torch.equal(plain, layered) and all(abs(x.std().item() - 1) < 1e-5 for x in layered)  # per sample
 
 
 def test_input_perturbation_changes_only_the_noise_put_into_the_latents():

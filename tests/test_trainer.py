@@ -257,6 +257,42 @@ def test_noise_options_train_and_sdxl_v_prediction_gets_zero_terminal_snr(datase
         train(dataset, load_checkpoint(checkpoints[SDXL]), settings(zero_terminal_snr=True), tmp_path / "c")
 
 
+def test_two_accumulated_batches_of_2_train_as_one_batch_of_4(project, checkpoints, tmp_path, monkeypatch):
+    for i, caption in enumerate(["mychar, smile", "mychar, 1girl", "mychar, red hair", "mychar, cat"]):
+        add_image(project, f"{i}.png", caption, size=(64, 64), seed=i)  # one bucket: one step per epoch
+    host = load_checkpoint(checkpoints[SD1])
+    gradients: list[list[torch.Tensor]] = []
+    adamw_step = torch.optim.AdamW.step
+
+    def step(optimizer, *args, **kwargs):  # what each optimizer step is given
+        gradients.append([p.grad.clone() for group in optimizer.param_groups for p in group["params"]])
+        return adamw_step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    four = train(project, host, settings(batch_size=4, repeats=1, epochs=3), tmp_path / "four")
+    two_by_two = train(project, host, settings(batch_size=2, gradient_accumulation_steps=2, repeats=1, epochs=3),
+                       tmp_path / "two")
+    assert four.steps == two_by_two.steps == 3 and len(gradients) == 6
+    # The same images, noise and timesteps in each step: the same losses...
+    losses = [[row.split(",")[2] for row in run.loss_log.read_text().splitlines()[1:]] for run in (four, two_by_two)]
+    assert [float(x) for x in losses[0]] == pytest.approx([float(x) for x in losses[1]], rel=1e-4)
+    # ...and, from the same weights, the same gradient up to float32 noise, which this tiny random model
+    # amplifies to a few per cent (without accumulation, or without weighing each batch by its share, they
+    # differ by 100% or more). After that, Adam's steps turn that noise into slightly different weights.
+    a, b = (torch.cat([g.flatten() for g in run[0]]) for run in (gradients[:3], gradients[3:]))
+    assert a.norm() > 0 and (a - b).norm() / a.norm() < 0.1
+    a, _ = lora_file.read_lora(four.final)
+    b, meta = lora_file.read_lora(two_by_two.final)
+    # Adam divides by the gradient's size, so float noise in near-zero gradients can move a weight by up to
+    # twice the learning rate: the files agree to that, not to the last bit.
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=2 * 1e-3 * 3) for k in a)
+    assert (meta["ss_gradient_accumulation_steps"], meta["ss_total_batch_size"]) == ("2", "4")
+    plan = TrainSettings.from_dict({**FAST, "batch_size": 2, "gradient_accumulation_steps": 2})
+    from lora_trainer_ext.training.plan import step_arithmetic
+
+    assert step_arithmetic(4, plan).render() == "4 images x 2 repeats x 2 epochs / batch 2 x 2 accumulated = 4 steps"
+
+
 @pytest.mark.parametrize("kind", [SD1, SDXL])
 def test_cached_text_encoder_outputs_train_the_same_lora(dataset, checkpoints, tmp_path, kind):
     long = ", ".join(["mychar", "1girl"] + ["red hair", "blue eyes", "smile", "dress", "sky"] * 12)  # 2 chunks

@@ -39,6 +39,7 @@ GROUPS = (
         Input("batch_size", "Batch size"),
         Input("max_steps", "Max steps", "empty: count epochs", optional=True),
     ), (
+        Input("gradient_accumulation_steps", "Gradient accumulation", "batches per step: batch x this in less memory"),
         Input("save_every_n_epochs", "Save every N epochs", "0: only the final LoRA"),
         Input("keep_last_n_epochs", "Keep last N epochs", "0: keep all"),
         Input("save_precision", "Save precision", "fp16 is what LoRAs are shared in"),

@@ -235,26 +235,31 @@ class TrainData:
     def epoch_plan(self, epoch: int) -> list[BatchPlan]:
         """The batches of `epoch` (0-based) in order, every image `repeats` times, with its flip and
         augmented caption; the same for the same seed and epoch."""
+        return [plan for step in self.epoch_steps(epoch) for plan in step]
+
+    def epoch_steps(self, epoch: int) -> list[list[BatchPlan]]:
+        """The steps of `epoch`: each the batches whose gradients it accumulates, together the images a
+        batch of batch_size x gradient_accumulation_steps would hold (so accumulating trains the same)."""
         s = self.settings
         rng = random.Random(f"{s.seed}/{epoch}")
         by_bucket: dict[Size, list[int]] = {}
         for item in self.items:
             by_bucket.setdefault(self.bucket(item.index), []).extend([item.index] * s.repeats)
-        plans = []
+        steps = []
+        per_step = s.batch_size * s.gradient_accumulation_steps
         for bucket, indices in sorted(by_bucket.items()):
             rng.shuffle(indices)
-            for start in range(0, len(indices), s.batch_size):
-                batch = indices[start : start + s.batch_size]
-                plans.append(BatchPlan(bucket, [Sample(i, False, "") for i in batch]))
-        rng.shuffle(plans)
-        for plan in plans:  # flips and captions drawn in batch order, after the order is fixed
-            for sample in plan.samples:
-                sample.flip = s.flip_aug and rng.random() < 0.5
-                caption = self.items[sample.index].caption
-                sample.caption = process_caption(
-                    caption, rng, s.shuffle_tags, s.keep_tokens, s.tag_dropout, s.caption_dropout
-                )
-        return plans
+            for start in range(0, len(indices), per_step):
+                step = indices[start : start + per_step]
+                steps.append([BatchPlan(bucket, [Sample(i, False, "") for i in step[first : first + s.batch_size]])
+                              for first in range(0, len(step), s.batch_size)])
+        rng.shuffle(steps)
+        for sample in (sample for step in steps for plan in step for sample in plan.samples):
+            # flips and captions drawn in batch order, after the order is fixed
+            sample.flip = s.flip_aug and rng.random() < 0.5
+            caption = self.items[sample.index].caption
+            sample.caption = process_caption(caption, rng, s.shuffle_tags, s.keep_tokens, s.tag_dropout, s.caption_dropout)
+        return steps
 
     def load(self, plan: BatchPlan) -> Batch:
         """The pixels of a planned batch (for training without a latent cache)."""

@@ -12,17 +12,23 @@ import torch.nn.functional as F
 
 
 def sample(latents: torch.Tensor, generator: torch.Generator, timesteps_total: int, noise_offset: float = 0.0,
-           multires_iterations: int = 0, multires_discount: float = 0.3):
-    """(noise, timesteps) for a batch: eps ~ N(0, 1) plus `noise_offset` x N(0, 1) per sample and
-    channel (helps very dark and bright images), then multi-resolution layers; timesteps uniform in [0, T)."""
-    b, c = latents.shape[:2]
-    noise = torch.randn(latents.shape, generator=generator)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn((b, c, 1, 1), generator=generator)
-    if multires_iterations:
-        noise = multires_noise(noise, generator, multires_iterations, multires_discount)
-    timesteps = torch.randint(0, timesteps_total, (b,), generator=generator)
-    return noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
+           multires_iterations: int = 0, multires_discount: float = 0.3, ip_noise_gamma: float = 0.0):
+    """(noise, timesteps, the noise put into the latents) for a batch: eps ~ N(0, 1) plus `noise_offset` x
+    N(0, 1) per channel (helps very dark and bright images), then multi-resolution layers; a timestep
+    uniform in [0, T); eps perturbed by `ip_noise_gamma`. Drawn one sample after the other, so a batch
+    draws what its samples would draw as smaller batches in a row (gradient accumulation trains the same)."""
+    c = latents.shape[1]
+    drawn = []
+    for _ in range(latents.shape[0]):
+        noise = torch.randn((1, *latents.shape[1:]), generator=generator)
+        if noise_offset:
+            noise = noise + noise_offset * torch.randn((1, c, 1, 1), generator=generator)
+        if multires_iterations:
+            noise = multires_noise(noise, generator, multires_iterations, multires_discount)
+        timestep = torch.randint(0, timesteps_total, (1,), generator=generator)
+        drawn.append((noise, timestep, perturbed(noise, generator, ip_noise_gamma)))
+    noise, timesteps, put_in = (torch.cat(parts) for parts in zip(*drawn))
+    return noise.to(latents.device, latents.dtype), timesteps.to(latents.device), put_in.to(latents.device, latents.dtype)
 
 
 def multires_noise(noise: torch.Tensor, generator: torch.Generator, iterations: int, discount: float) -> torch.Tensor:

@@ -35,18 +35,20 @@ class StepPlan:
     warmup_steps: int
     max_steps: int | None = None  # set when the run is counted in steps rather than epochs
     warnings: list[str] = field(default_factory=list)
+    accumulation: int = 1  # batches whose gradients make one step
 
     def render(self) -> str:
         """One line: "40 images x 10 repeats x 10 epochs / batch 2 = 2000 steps"."""
-        plain = math.ceil(self.images * self.repeats / self.batch_size)
+        plain = math.ceil(self.images * self.repeats / (self.batch_size * self.accumulation))
+        batch = f"batch {self.batch_size}" + (f" x {self.accumulation} accumulated" if self.accumulation > 1 else "")
         if self.max_steps is not None:
             per_epoch = f"{self.steps_per_epoch} steps" + ("" if plain == self.steps_per_epoch else " filled per bucket")
             return (
                 f"{self.total_steps} steps = about {self.epochs} epochs of "
-                f"{self.images} images x {self.repeats} repeats / batch {self.batch_size} ({per_epoch})"
+                f"{self.images} images x {self.repeats} repeats / {batch} ({per_epoch})"
             )
         line = (
-            f"{self.images} images x {self.repeats} repeats x {self.epochs} epochs / batch {self.batch_size} "
+            f"{self.images} images x {self.repeats} repeats x {self.epochs} epochs / {batch} "
             f"= {plain * self.epochs} steps"
         )
         if plain != self.steps_per_epoch:
@@ -55,12 +57,13 @@ class StepPlan:
 
 
 def step_arithmetic(images: int, settings: TrainSettings, bucket_sizes: list[int] | None = None) -> StepPlan:
-    """The run's steps: images x repeats / batch per epoch (rounded up, per bucket when the images'
-    `bucket_sizes` are given, since a batch holds one bucket), times epochs, or `max_steps`."""
+    """The run's steps: images x repeats / (batch x accumulation) per epoch (rounded up, per bucket when
+    the images' `bucket_sizes` are given, since a step holds one bucket), times epochs, or `max_steps`."""
     if images < 1:
         raise LoraMakerError("the dataset has no images: nothing to train on")
     counts = bucket_sizes or [images]
-    per_epoch = sum(math.ceil(n * settings.repeats / settings.batch_size) for n in counts)
+    per_step = settings.batch_size * settings.gradient_accumulation_steps
+    per_epoch = sum(math.ceil(n * settings.repeats / per_step) for n in counts)
     if settings.max_steps is not None:
         total, epochs = settings.max_steps, math.ceil(settings.max_steps / per_epoch) if per_epoch else 0
     else:
@@ -85,9 +88,8 @@ def step_arithmetic(images: int, settings: TrainSettings, bucket_sizes: list[int
         warnings.append(f"keep_last_n_epochs={settings.keep_last_n_epochs} deletes the first "
                         f"{saved - settings.keep_last_n_epochs} of {saved} epoch files as training goes on: the grid "
                         "can compare only the rest (0 keeps them all)")
-    return StepPlan(
-        images, settings.repeats, settings.batch_size, epochs, per_epoch, total, warmup, settings.max_steps, warnings
-    )
+    return StepPlan(images, settings.repeats, settings.batch_size, epochs, per_epoch, total, warmup, settings.max_steps,
+                    warnings, settings.gradient_accumulation_steps)
 
 
 def image_sizes(paths: list[Path]) -> list[tuple[int, int]] | None:

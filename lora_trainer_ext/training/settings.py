@@ -69,6 +69,7 @@ class TrainSettings:
     epochs: int = 10  # passes over the repeated dataset (ignored when max_steps is set)
     max_steps: int | None = None  # train exactly this many steps instead of a number of epochs
     batch_size: int = 2  # images per step (all of one bucket)
+    gradient_accumulation_steps: int = 1  # batches whose gradients make one step (a bigger batch in less memory)
     save_every_n_epochs: int = 1  # save an epoch's LoRA every N epochs to compare them later; 0: only the final one
     keep_last_n_epochs: int = 0  # keep only the newest N epoch files; 0: keep all (the grid compares every epoch)
     save_precision: str = "fp16"  # the LoRA files' dtype: fp16 (what everyone shares), bf16 or fp32
@@ -149,7 +150,8 @@ class TrainSettings:
             if not ok:
                 problems.append(message)
 
-        for name in ("repeats", "batch_size", "dim", "lr_cycles", "bucket_step", "min_bucket"):
+        for name in ("repeats", "batch_size", "dim", "lr_cycles", "bucket_step", "min_bucket",
+                     "gradient_accumulation_steps"):
             need(getattr(self, name) >= 1, f"{name} must be at least 1 (got {getattr(self, name)})")
         for name in ("max_steps", "resolution", "max_bucket", "clip_skip"):
             value = getattr(self, name)

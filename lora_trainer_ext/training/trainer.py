@@ -21,23 +21,21 @@ from typing import Callable
 
 import torch
 
-from ..dataset.curate import activation_tags
 from ..errors import LoraMakerError
 from ..hosts.host import SDXL, Host, gpu_memory
 from ..progress import Control, Progress, Status
 from ..project import Project
-from . import lora_file, objective
-from .data import TrainData, dataset_dirs, metadata_tag_frequency
+from . import objective
+from .data import TrainData
 from .latents import cache_latents, cached
 from .model_mode import clip_skip_set, prepared_for_training, vae_off_the_gpu
 from .network import Network, NetworkConfig
-from .optimizers import autocast_for, make_optimizer, precision_used
+from .optimizers import autocast_for, make_optimizer
+from .run_files import RunFiles
 from .schedules import make_scheduler
 from .settings import TrainSettings
-from .state import changed_settings, read_state, state_dir, state_path, write_state
+from .state import state_dir, state_path
 from .text_cache import batch_conditioning, cache_conditioning
-
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
@@ -49,7 +47,7 @@ class Result:
     loss_log: Path | None = None
 
 
-class _Trainer:
+class _Trainer(RunFiles):
     def __init__(self, project: Project, host: Host, settings: TrainSettings, lora_dir: Path, name: str,
                  control: Control, on_status: Callable[[Status], None], progress: Progress):
         self.project, self.host, self.lora_dir, self.name = project, host, Path(lora_dir), name
@@ -80,88 +78,6 @@ class _Trainer:
         self.result = Result()
         self.started_at = time.time()
         self.epoch_files: list[str] = []  # this run's epoch files, oldest first (keep_last_n_epochs prunes them)
-
-    # ---- saving ----
-
-    def _run_facts(self, epoch: int, step: int) -> dict:
-        s = self.settings
-        return {
-            "output_name": self.name, "session_id": self.session_id, "training_started_at": self.started_at,
-            "training_finished_at": time.time(), "sd_model_name": self.host.model_name,
-            "sd_model_hash": self.host.model_legacy_hash or None, "new_sd_model_hash": self.host.model_sha256 or None,
-            "seed": s.seed, "num_epochs": self.epochs, "epoch": epoch,
-            "steps": step, "max_train_steps": self.total_steps, "num_batches_per_epoch": self.plan.steps_per_epoch,
-            "num_train_images": len(self.data.items) * s.repeats, "batch_size_per_device": s.batch_size,
-            "total_batch_size": s.batch_size, "learning_rate": s.unet_lr, "unet_lr": s.unet_lr,
-            "text_encoder_lr": s.text_encoder_lr if self.train_te else 0.0, "optimizer": s.optimizer,
-            "lr_scheduler": s.lr_scheduler, "lr_warmup_steps": self.plan.warmup_steps, "max_grad_norm": s.max_grad_norm,
-            "mixed_precision": precision_used(self.host, s.mixed_precision), "gradient_checkpointing": s.gradient_checkpointing,
-            "cache_latents": True, "clip_skip": getattr(self.host, "clip_skip", None) if self.host.kind != "sdxl" else None, "min_snr_gamma": s.min_snr_gamma or None,
-            "noise_offset": s.noise_offset or None, "multires_noise_iterations": s.multires_noise_iterations or None,
-            "multires_noise_discount": s.multires_noise_discount if s.multires_noise_iterations else None,
-            "ip_noise_gamma": s.ip_noise_gamma or None, "zero_terminal_snr": self.zero_terminal_snr,
-            "scale_v_pred_loss_like_noise_pred": self.scale_v_pred_loss,
-            "keep_tokens": s.keep_tokens, "flip_aug": s.flip_aug,
-            "shuffle_caption": s.shuffle_tags, "caption_dropout_rate": s.caption_dropout,
-            "caption_tag_dropout_rate": s.tag_dropout, "enable_bucket": s.buckets, "min_bucket_reso": s.min_bucket,
-            "max_bucket_reso": s.max_bucket, "bucket_no_upscale": s.bucket_no_upscale,
-            "bucket_info": self.data.plan.bucket_info(s.repeats), "resolution": s.resolution,
-            "dataset_dirs": dataset_dirs(self.project, s.repeats, len(self.data.items)),
-            "tag_frequency": metadata_tag_frequency(self.project), "trigger_phrase": activation_tags(self.project) or None,
-        }
-
-    def save_lora(self, path: Path, epoch: int, step: int) -> Path:
-        s = self.settings
-        info = lora_file.NetworkInfo(s.dim, s.alpha, s.conv_dim if s.network == "locon" else None,
-                                     s.conv_alpha if s.network == "locon" else None)
-        metadata = lora_file.lora_metadata(self.host.kind, self.host.parameterization, info, self._run_facts(epoch, step))
-        tensors = lora_file.to_output_names(self.network.lora_state_dict(), self.host.kind, self.network.module_paths())
-        lora_file.save_lora(path, tensors, metadata, SAVE_DTYPES[s.save_precision])
-        lora_file.write_card(path, ", ".join(activation_tags(self.project)), 0, self.host.kind)
-        self.result.files.append(path)
-        return path
-
-    def save_epoch(self, epoch: int, step: int) -> None:
-        path = self.save_lora(self.lora_dir / f"{self.name}-{epoch:06d}.safetensors", epoch, step)
-        self.epoch_files.append(path.name)
-        keep = self.settings.keep_last_n_epochs
-        while keep and len(self.epoch_files) > keep:  # kohya's save_last_n_epochs, for this run's files only
-            old = self.lora_dir / self.epoch_files.pop(0)
-            old.unlink(missing_ok=True)
-            lora_file.card_path(old).unlink(missing_ok=True)
-
-    def save_state(self, step: int, epoch: int, batch: int) -> None:
-        write_state(self.project, {
-            "version": 1, "name": self.name, "settings": self.settings.to_dict(), "kind": self.host.kind,
-            "model_name": self.host.model_name, "step": step, "epoch": epoch, "batch": batch,
-            "network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
-            "session_id": self.session_id, "started_at": self.started_at, "losses": self.losses[-100:],
-            "total_steps": self.total_steps, "dataset": self._dataset_fingerprint(), "epoch_files": self.epoch_files,
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-        })
-
-    def load_state(self) -> dict:
-        state = read_state(self.project)
-        if state.get("kind") != self.host.kind:
-            raise LoraMakerError(f"the stopped run trained a {state.get('kind')} model, this one is {self.host.kind}: "
-                                 "load that model to resume, or start a new run")
-        changed = changed_settings(state["settings"], self.settings)
-        if changed:
-            raise LoraMakerError(f"the stopped run used other settings ({', '.join(changed)}): resume with its "
-                                 "settings, or start a new run")
-        if state.get("model_name") != self.host.model_name:
-            raise LoraMakerError(f"the stopped run trained on {state.get('model_name')}, not {self.host.model_name}: "
-                                 "load that model to resume, or start a new run")
-        if state.get("dataset") != self._dataset_fingerprint() or state.get("total_steps") != self.total_steps:
-            raise LoraMakerError("the dataset changed since the run stopped (images or captions): start a new run")
-        return state
-
-    def _dataset_fingerprint(self) -> str:
-        import hashlib
-
-        text = "\n".join(f"{item.image.name}\t{item.width}x{item.height}\t{item.caption}" for item in self.data.items)
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     # ---- the loop ----
 
@@ -268,16 +184,16 @@ class _Trainer:
         self.started, self.first_step = time.monotonic(), step
         with self._loss_log() as log:
             for epoch in range(start_epoch, self.epochs):
-                for batch_index, plan in enumerate(self.data.epoch_plan(epoch)):
-                    if batch_index < skip:
+                for index, batches in enumerate(self.data.epoch_steps(epoch)):
+                    if index < skip:
                         continue
                     if step >= self.total_steps:
                         break
-                    loss, lr = self._step(plan, step)
+                    loss, lr = self._step(batches, step)
                     step += 1
-                    self.position = (step, epoch, batch_index + 1)  # where a resume continues
+                    self.position = (step, epoch, index + 1)  # where a resume continues
                     self._report(log, step, epoch, loss, lr)
-                    if self._steered(step, epoch, batch_index):
+                    if self._steered(step, epoch, index):
                         return self.result
                 skip = 0
                 last = epoch + 1 == self.epochs or step >= self.total_steps
@@ -321,14 +237,37 @@ class _Trainer:
                 log.writerow(["step", "epoch", "loss", "lr", "seconds"])
             yield log
 
-    def _step(self, plan, step: int) -> tuple[float, float]:
-        """One optimizer step on the batch `plan`; returns (loss, the learning rate it used)."""
+    def _step(self, batches, step: int) -> tuple[float, float]:
+        """One optimizer step on `batches` (their gradients accumulated, each weighed by its share of the
+        images, so that it trains as one batch of them all); returns (loss, the learning rate it used)."""
+        s, scaler = self.settings, self.scaler
+        self.optimizer.zero_grad(set_to_none=True)
+        images, total = sum(len(plan.samples) for plan in batches), 0.0
+        for plan in batches:
+            loss = self._loss(plan, step) * (len(plan.samples) / images)
+            (scaler.scale(loss) if scaler else loss).backward()
+            total += loss.item()
+        if scaler:
+            scaler.unscale_(self.optimizer)
+        if s.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm)
+        if scaler:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        return total, lr
+
+    def _loss(self, plan, step: int) -> torch.Tensor:
+        """The loss of the batch `plan` (checked: finite, its conditioning too on the first step)."""
         s, host = self.settings, self.host
         latents = torch.stack([cached(self.cache, key) for key in plan.keys]).to(host.device)
-        noise, timesteps = objective.sample(latents, self.generator, len(host.alphas_cumprod), s.noise_offset,
-                                            s.multires_noise_iterations, s.multires_noise_discount)
-        noisy = objective.add_noise(latents, objective.perturbed(noise, self.generator, s.ip_noise_gamma), timesteps,
-                                    self.alphas)
+        noise, timesteps, put_in = objective.sample(
+            latents, self.generator, len(host.alphas_cumprod), s.noise_offset, s.multires_noise_iterations,
+            s.multires_noise_discount, s.ip_noise_gamma)
+        noisy = objective.add_noise(latents, put_in, timesteps, self.alphas)
         sizes = self.data.sizes(plan) if host.kind == "sdxl" else None
         with self.autocast:
             if self.text_cache is not None:
@@ -351,23 +290,7 @@ class _Trainer:
                 self.save_state(*self.position)  # what was learned up to here, resumable
             raise LoraMakerError(f"the loss became {loss.item()} at step {step + 1}: lower the learning rate, or use "
                                  "bf16 or no mixed precision")
-        self.optimizer.zero_grad(set_to_none=True)
-        scaler = self.scaler
-        if scaler:
-            scaler.scale(loss).backward()
-            scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
-        if s.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm)
-        if scaler:
-            scaler.step(self.optimizer)
-            scaler.update()
-        else:
-            self.optimizer.step()
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
-        return loss.item(), lr
+        return loss
 
     def _report(self, log, step: int, epoch: int, loss: float, lr: float) -> None:
         self.losses.append(loss)
