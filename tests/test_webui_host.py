@@ -24,22 +24,27 @@ KINDS = {"sd1": "sd1", "sd2v": "sd2", "sdxl": "sdxl"}  # checkpoint -> the kind 
 VERSIONS = {"sd1": "sd_v1", "sd2v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
 
 
-@pytest.fixture(scope="module", params=MODEL_KINDS)
+# Each model kind, then the WebUI started the way users with 4-12 GB cards start it.
+SESSIONS = [(kind, ()) for kind in MODEL_KINDS] + [("sd1", ("--medvram",)), ("sdxl", ("--medvram-sdxl",))]
+
+
+@pytest.fixture(scope="module", params=SESSIONS, ids=lambda p: "-".join([p[0], *(f.strip("-") for f in p[1])]))
 def session(request, webui_models, tmp_path_factory):
     # What the WebUI does for an extension at start: our install.py in its Python, from its folder.
     install = subprocess.run([PYTHON, str(REPO / "install.py")], cwd=WEBUI, capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stdout + install.stderr
-    folder = tmp_path_factory.mktemp(f"webui-{request.param}")
+    model, flags = request.param
+    folder = tmp_path_factory.mktemp(f"webui-{model}")
     result = folder / "result.json"
-    checkpoint = webui_models.checkpoint(request.param)
+    checkpoint = webui_models.checkpoint(model)
     before = webui_folder_status()
     run = subprocess.run([PYTHON, str(REPO / "tests" / "webui_session.py"), str(REPO), str(folder), checkpoint,
-                          str(result)], cwd=WEBUI, env=webui_models.run_env(folder), capture_output=True, text=True,
-                         timeout=840)
+                          str(result), *flags], cwd=WEBUI, env=webui_models.run_env(folder), capture_output=True,
+                         text=True, timeout=840)
     assert run.returncode == 0 and result.is_file(), run.stdout[-3000:] + run.stderr[-3000:]
     assert webui_folder_status() == before, "the session changed the WebUI folder (its Lora folder, say)"
     return {**json.loads(result.read_text(encoding="utf-8")), "folder": folder, "checkpoint": checkpoint,
-            "model": request.param}
+            "model": model, "medvram": bool(flags)}
 
 
 def test_trains_a_lora_and_a_locon_on_the_loaded_model_and_gives_it_back_exactly(session):
@@ -85,9 +90,18 @@ def test_the_file_records_the_hashes_the_webui_knows_and_its_state_is_kept(sessi
     assert session["torch_rng_kept"] and session["embedders_kept"]  # SDXL's ucg_rate and the rest, as they were
 
 
+def test_under_medvram_the_swapping_is_off_for_the_run_and_back_exactly_afterwards(session):
+    if not session["medvram"]:
+        assert session["medvram_before"] == session["medvram_in_training"] == session["medvram_after"] == [0, False, False]
+        return
+    hooks, wrapped, flag = session["medvram_before"]
+    assert hooks >= 3 and wrapped and flag  # text encoders, VAE and UNet each swapped in by a hook
+    assert session["medvram_in_training"] == [0, False, False]
+    assert session["medvram_after"] == session["medvram_before"]  # and the picture is the same (the first test)
+
+
 def test_what_cannot_train_in_place_is_refused(session):
-    assert "--lowvram" in session["lowvram_refused"]
-    assert "--medvram" in session["medvram_refused"]
+    assert "--lowvram" in session["lowvram_refused"] and "--medvram" in session["lowvram_refused"]
     assert "SD Unet" in session["custom_unet_refused"]
     assert "fp8" in session["fp8_refused"]
     assert "SD3" in session["sd3_refused"]

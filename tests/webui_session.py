@@ -3,7 +3,7 @@ model kind): brings the WebUI up in-process as webui.py does, then trains a LoRA
 model through `lora_trainer_ext.webui.host` and writes its findings as JSON for the test to check.
 LoRA files go to a Lora folder of its own (--lora-dir), so nothing is left in the WebUI's.
 
-    python webui_session.py REPO OUT_DIR CHECKPOINT RESULT_JSON
+    python webui_session.py REPO OUT_DIR CHECKPOINT RESULT_JSON [WEBUI_FLAG ...]
 """
 
 from __future__ import annotations
@@ -157,9 +157,18 @@ def text_encoder_parity(host, path: str, name: str) -> list[float]:
     return [(ours - theirs).abs().max().item(), (plain - theirs).abs().max().item()]
 
 
-def main(repo: str, out_dir: str, checkpoint: str) -> dict:
+def medvram_state(sd_model) -> list:
+    """[swap hooks, the VAE's encode/decode wrapped, the model's lowvram flag] of --medvram's mode."""
+    from lora_trainer_ext.webui.medvram import swap_hooks
+
+    vae = sd_model.first_stage_model
+    return [len(swap_hooks(sd_model)), "encode" in vae.__dict__ and "decode" in vae.__dict__,
+            bool(getattr(sd_model, "lowvram", False))]
+
+
+def main(repo: str, out_dir: str, checkpoint: str, *flags: str) -> dict:
     lora_dir = os.path.join(out_dir, "lora")
-    sd_model = start_webui(checkpoint, "--lora-dir", lora_dir)
+    sd_model = start_webui(checkpoint, "--lora-dir", lora_dir, *flags)
     sys.path.insert(0, repo)
     import torch
     from modules import shared
@@ -200,7 +209,7 @@ def main(repo: str, out_dir: str, checkpoint: str) -> dict:
     # Refusals come before anything changes.
     from modules import devices, sd_models, sd_unet
 
-    for label, obj, attr, value in [("lowvram", shared.cmd_opts, "lowvram", True), ("medvram", sd_model, "lowvram", True),
+    for label, obj, attr, value in [("lowvram", shared.cmd_opts, "lowvram", True),
                                     ("custom_unet", sd_unet, "current_unet", object()), ("fp8", devices, "fp8", True),
                                     ("sd3", sd_model, "is_sd3", True), ("no_model", sd_models.model_data, "sd_model", None)]:
         before = getattr(obj, attr)
@@ -226,11 +235,13 @@ def main(repo: str, out_dir: str, checkpoint: str) -> dict:
     # Token merging left patched in (by an extension; a generation removes its own): out for the run only.
     sd_models.apply_token_merging(sd_model, 0.5)
     found["tome_patched_before"] = sum(type(m).__name__ == "ToMeBlock" for m in host.unet.modules())
-    tome_in_training = set()
+    tome_in_training, medvram_in_training = set(), []
+    found["medvram_before"] = medvram_state(sd_model)
 
     def watch(status):
         if status.phase == "training":
             tome_in_training.add(sum(type(m).__name__ == "ToMeBlock" for m in host.unet.modules()))
+            medvram_in_training.append(medvram_state(sd_model))
 
     results = {}
     with training_session(host):
@@ -242,6 +253,7 @@ def main(repo: str, out_dir: str, checkpoint: str) -> dict:
     found["torch_rng_kept"] = torch.equal(torch.get_rng_state(), rng)  # the WebUI's own random state is its own
     found["embedders_kept"] = embedder_attributes(sd_model) == embedders
     found["tome_in_training"] = sorted(tome_in_training)
+    found["medvram_in_training"], found["medvram_after"] = medvram_in_training[-1], medvram_state(sd_model)
     found["tome_after"] = [getattr(sd_model, "applied_token_merged_ratio", 0),
                            sum(type(m).__name__ == "ToMeBlock" for m in host.unet.modules())]
     sd_models.apply_token_merging(sd_model, 0)
@@ -269,7 +281,7 @@ def main(repo: str, out_dir: str, checkpoint: str) -> dict:
 
 
 if __name__ == "__main__":
-    repo, out_dir, checkpoint, result = sys.argv[1:5]  # read first: starting the WebUI replaces sys.argv
-    found = main(repo, out_dir, checkpoint)
+    repo, out_dir, checkpoint, result, *webui_flags = sys.argv[1:]  # read first: starting the WebUI replaces sys.argv
+    found = main(repo, out_dir, checkpoint, *webui_flags)
     with open(result, "w", encoding="utf-8") as f:  # a file: the WebUI takes over stdout's buffering
         json.dump(found, f)

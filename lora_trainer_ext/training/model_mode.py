@@ -112,21 +112,26 @@ def clip_skip_set(host: Host, clip_skip: int | None):
 
 
 @contextlib.contextmanager
-def vae_off_the_gpu(host: Host):
-    """Once the latents are cached the VAE has nothing to do: free its GPU memory for the training
-    (as sd-scripts does) and put it back where it was afterwards."""
-    vae = getattr(host, "vae", None)
-    device = next(vae.parameters()).device if vae is not None and any(True for _ in vae.parameters()) else None
-    if device is None or device.type != "cuda":
-        yield
-        return
-    vae.to("cpu")
-    torch.cuda.empty_cache()
+def off_the_gpu(modules: list[torch.nn.Module]):
+    """Parts the run no longer needs (the VAE once the latents are cached, the text encoders once their
+    outputs are) moved off the GPU to free its memory for the training, as sd-scripts does, and put back
+    where they were afterwards."""
+    moved = []
+    for module in modules:
+        device = next((p.device for p in module.parameters()), None) if module is not None else None
+        if device is not None and device.type == "cuda":
+            moved.append((module, device))
+    for module, _ in moved:
+        module.to("cpu")
+    if moved:
+        torch.cuda.empty_cache()
     try:
         yield
     finally:
-        import gc
+        if moved:
+            import gc
 
-        gc.collect()  # what an error left behind (the trainer frees an out-of-memory step's tensors first)
-        torch.cuda.empty_cache()
-        vae.to(device)
+            gc.collect()  # what an error left behind (the trainer frees an out-of-memory step's tensors first)
+            torch.cuda.empty_cache()
+        for module, device in moved:
+            module.to(device)

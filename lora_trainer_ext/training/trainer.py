@@ -28,7 +28,7 @@ from ..project import Project
 from . import objective
 from .data import TrainData
 from .latents import cache_latents, cached
-from .model_mode import clip_skip_set, prepared_for_training, vae_off_the_gpu
+from .model_mode import clip_skip_set, off_the_gpu, prepared_for_training
 from .network import Network, NetworkConfig
 from .optimizers import autocast_for, make_optimizer
 from .run_files import RunFiles
@@ -136,7 +136,8 @@ class _Trainer(RunFiles):
             self.network = Network(self.host, config, train_text_encoder=self.train_te)
             try:
                 self.network.attach()
-                with vae_off_the_gpu(self.host):
+                parked = [getattr(self.host, "vae", None), *(self.host.text_encoders if self.text_cache else [])]
+                with off_the_gpu(parked):
                     return self._freeing_on_oom(self._loop, resume)
             except KeyboardInterrupt:  # Ctrl-C or the WebUI's interrupt: keep what was learned
                 if getattr(self, "position", None):

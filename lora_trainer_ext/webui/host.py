@@ -18,6 +18,7 @@ import torch
 
 from ..errors import LoraMakerError
 from ..hosts.host import SD1, SD2, SDXL, SizeInfo
+from .medvram import out_of_medvram
 
 
 def check_trainable(sd_model) -> str:
@@ -29,12 +30,8 @@ def check_trainable(sd_model) -> str:
     if not isinstance(sd_model, torch.nn.Module):
         raise LoraMakerError("no Stable Diffusion model is loaded: pick a checkpoint in the WebUI first")
     if getattr(shared.cmd_opts, "lowvram", False):
-        raise LoraMakerError("--lowvram moves the model block by block and cannot train: restart the WebUI without it")
-    if getattr(sd_model, "lowvram", False):
-        raise LoraMakerError(
-            "--medvram (or --medvram-sdxl for this SDXL model) swaps the model in and out of the GPU while it "
-            "runs, which breaks training: restart the WebUI without it"
-        )
+        raise LoraMakerError("--lowvram moves the UNet to the GPU block by block and cannot train: restart the WebUI "
+                             "with --medvram (or --medvram-sdxl) instead, which LoRA Maker trains under")
     from modules import sd_unet
 
     if sd_unet.current_unet is not None:
@@ -165,7 +162,8 @@ def _vae_dtype(vae: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
 def training_session(host: WebuiHost) -> Iterator[None]:
     """The WebUI side of a training run: its LoRAs and hypernetworks unmerged from the weights for the
     run (prompts re-apply them at the next generation), token merging (ToMe) taken out of the UNet for
-    the run and put back as it was, and its memory freed afterwards."""
+    the run and put back as it was, --medvram's swapping off for the run (medvram.py), and its memory
+    freed afterwards."""
     from modules import devices, sd_models, shared
 
     tome = getattr(host.sd_model, "applied_token_merged_ratio", 0)
@@ -184,7 +182,8 @@ def training_session(host: WebuiHost) -> Iterator[None]:
                     networks.network_apply_weights(module)  # no networks wanted: restores the backed-up weights
     hypernetworks, shared.loaded_hypernetworks = list(getattr(shared, "loaded_hypernetworks", [])), []
     try:
-        yield
+        with out_of_medvram(host.sd_model):
+            yield
     finally:
         shared.loaded_hypernetworks = hypernetworks
         if tome:
