@@ -229,3 +229,27 @@ def test_an_sdxl_model_gets_the_xl_trainers_defaults_and_the_plan_says_so(tmp_pa
     assert plan_answer(plan)["family_defaults"] == plan.family_defaults
     studio.save_training_settings("xl", settings.replace(epochs=4))
     assert project.settings()["train"] == {"epochs": 4}  # the XL defaults are not written down
+
+
+def test_the_plan_fits_the_run_to_the_card_in_one_click(tmp_path):
+    """On a (stated) 12 GB card an SDXL run at batch 4 without checkpointing does not fit: the plan, the API and
+    the CLI name the cheapest changes that do, and the Train tab's button applies them to the form."""
+    from lora_trainer_ext.api.training import plan_answer
+    from lora_trainer_ext.tab.train_form import KEYS, form_values
+
+    studio = standalone_studio(make_checkpoint(tmp_path / "model", "sdxl"), root=tmp_path / "projects")
+    studio.gpu_memory = lambda: (11.0, 12.0)
+    add_image(studio.project("xl", create=True), "0.png", "mychar", size=(64, 64))
+    heavy = studio.training_settings("xl").replace(gradient_checkpointing=False, text_encoder_lr=0.0,
+                                                     optimizer="AdamW", resolution=1024)
+    plan = studio.training_plan("xl", heavy)
+    assert plan.verdict.startswith("too big")
+    fitted, changes = plan.memory_fix
+    assert plan.memory_notes[0] == "to fit: " + "; ".join(changes) and changes[0].startswith("gradient checkpointing")
+    assert studio.training_plan("xl", fitted).verdict.startswith("fits")
+    assert plan_answer(plan)["vram"]["fit"]["settings"] == fitted.to_dict()
+    fit = tab_handler(build_tab(studio), "fit_memory")
+    shown = fit("xl", *form_values(heavy))
+    assert shown[KEYS.index("gradient_checkpointing")] == "on" and "Changed to fit" in shown[-1]
+    assert shown[:len(KEYS)] == form_values(fitted)
+    assert studio.training_plan("xl", fitted).memory_fix is None

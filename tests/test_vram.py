@@ -134,3 +134,29 @@ def test_the_verdict_against_a_card():
     assert verdict.startswith("too big") and "gradient checkpointing on" in verdict and "batch size 2" in verdict
     with pytest.raises(LoraMakerError, match="unknown model kind"):
         vram.estimate("sd3", TrainSettings())
+
+
+def test_the_cheapest_settings_that_fit_a_card_cost_time_before_they_cost_quality():
+    sdxl = TrainSettings(resolution=1024, batch_size=4, optimizer="AdamW", text_encoder_lr=0.0, dim=8, alpha=4,
+                         gradient_checkpointing=False)
+    fitted, changes = vram.fitting_settings(SDXL, sdxl, 12.0)
+    assert vram.estimate(SDXL, fitted).total_gib <= 12.0 * vram.TIGHT < vram.estimate(SDXL, sdxl).total_gib
+    assert changes[0].startswith("gradient checkpointing on") and fitted.gradient_checkpointing
+    assert changes[1].startswith("text-encoder outputs cached") and fitted.cache_text_encoder_outputs == "ram"
+    # half the batch, twice the accumulation: the same images per step
+    assert fitted.batch_size * fitted.gradient_accumulation_steps == 4 and fitted.resolution == 1024
+    # 8 GB: still the same images per step, and the resolution only as the last resort
+    small, why = vram.fitting_settings(SDXL, sdxl, 8.0)
+    assert vram.estimate(SDXL, small).total_gib <= 8.0 * vram.TIGHT
+    assert small.batch_size == 1 and small.gradient_accumulation_steps == 4
+    assert [c.split(" ")[0] for c in why].count("batch") == 1  # each knob named once, at its final value
+    if small.resolution < 1024:
+        assert why[-1].startswith("resolution")
+    # a text encoder being trained is not cached away: its outputs change as it learns
+    trained = vram.fitting_settings(SDXL, sdxl.replace(text_encoder_lr=6e-5), 12.0)[0]
+    assert trained.cache_text_encoder_outputs == "no"
+    assert vram.fitting_settings(SD1, TrainSettings(), 24.0) == (TrainSettings(), [])  # fits already
+    assert vram.fitting_settings(SDXL, sdxl, 2.0) is None  # nothing fits
+    cached = vram.estimate(SDXL, sdxl.replace(cache_text_encoder_outputs="ram"))
+    assert cached.training_gib < vram.estimate(SDXL, sdxl).training_gib  # the text encoders leave the GPU
+    assert vram.sysmem_fallback_note(cached, cached.total_gib) and not vram.sysmem_fallback_note(cached, 80.0)

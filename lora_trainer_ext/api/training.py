@@ -13,14 +13,15 @@ from .projects import existing
 
 def plan_answer(plan) -> dict:
     """A `training.plan.TrainingPlan` as JSON (400 when the dataset makes no steps)."""
-    steps = plan.steps
+    steps, fix = plan.steps, plan.memory_fix
     if steps is None:
         raise LoraMakerError(plan.problem)
     return {"line": steps.render(), "images": steps.images, "steps_per_epoch": steps.steps_per_epoch,
             "epochs": steps.epochs, "total_steps": steps.total_steps, "warmup_steps": steps.warmup_steps,
             "buckets": plan.buckets, "warnings": plan.warnings, "family_defaults": plan.family_defaults,
             "vram": {"model": plan.kind, "estimate_gib": round(plan.estimate.total_gib, 2),
-                     "summary": plan.estimate.summary(), "verdict": plan.verdict}}
+                     "summary": plan.estimate.summary(), "verdict": plan.verdict, "notes": plan.memory_notes,
+                     "fit": {"changes": fix[1], "settings": fix[0].to_dict()} if fix else None}}
 
 
 def add(router: APIRouter, studio: Studio) -> None:

@@ -135,7 +135,7 @@ def cmd_plan(args, studio) -> None:
         raise LoraMakerError(plan.problem)
     say(plan.steps.render(), *plan.warnings, *filter(None, [plan.family_defaults]),
         f"VRAM: {plan.estimate.summary()}" + ("" if plan.kind else " (no model given: estimated for SD1)"),
-        *([plan.verdict] if plan.verdict else []))
+        *([plan.verdict] if plan.verdict else []), *plan.memory_notes)
 
 
 def cmd_train(args, studio) -> None:

@@ -140,6 +140,7 @@ def _side_layout(ui, studio) -> None:
         ui.message = gr.HTML(elem_id="lora_maker_train_message")
         ui.plan = gr.HTML(elem_id="lora_maker_train_plan")
         ui.estimate = gr.HTML(elem_id="lora_maker_train_vram")
+        ui.fit = gr.Button("Fit to my GPU", size="sm", elem_id="lora_maker_train_fit")
         ui.output = gr.HTML(elem_id="lora_maker_train_output")
 
 
@@ -247,6 +248,17 @@ def _wire_buttons(ctx: TabContext, ui, form: _Form) -> None:
         return [*form.shown(name, applied.settings), _notes(notes, "lora-maker-note lora-maker-train-why")]
 
     @shows_errors
+    def fit_memory(name, *values):
+        settings = settings_from(values)
+        plan = studio.training_plan(name or None, settings)
+        if plan.gpu is None:
+            raise LoraMakerError("no CUDA GPU is visible to the WebUI: there is no card to fit")
+        fix = plan.memory_fix
+        if fix is None:
+            return [*form.shown(name, settings), _notes(plan.memory_notes[:1] or ["It fits already"])]
+        return [*form.shown(name, fix[0]), _notes(["Changed to fit (not saved yet): " + "; ".join(fix[1])])]
+
+    @shows_errors
     def save_settings(name, *values):
         p = ctx.open(name)
         studio.save_training_settings(p.name, settings_from(values))
@@ -279,6 +291,8 @@ def _wire_buttons(ctx: TabContext, ui, form: _Form) -> None:
     ui.load.click(load_saved, ctx.project, [*form.outputs, ui.message], queue=False, show_progress="minimal")
     ui.reset.click(reset_form, ctx.project, [*form.outputs, ui.message], queue=False, show_progress="minimal")
     ui.save.click(save_settings, [ctx.project, *ui.fields], ui.message, queue=False)
+    ui.fit.click(fit_memory, [ctx.project, *ui.fields], [*form.outputs, ui.message], queue=False,
+                 show_progress="minimal")
     run_inputs, run_outputs = [ctx.project, ui.grid, *ui.fields], [ui.message, ui.resume, ui.restart]
     ui.start.click(start_training, run_inputs, run_outputs, queue=False)
     ui.resume.click(resume_training, run_inputs, run_outputs, queue=False)

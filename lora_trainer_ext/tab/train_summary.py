@@ -48,6 +48,7 @@ def vram_html(plan: TrainingPlan) -> str:
                      f"{e(verdict)}</div>")
         lines.append(f'<div class="lora-maker-note">GPU: {free:.1f} GiB free of {total:.1f} GiB '
                      "(the WebUI's loaded model already counts as used)</div>")
+        lines += [f'<div class="lora-maker-note lora-maker-train-memory">{e(note)}</div>' for note in plan.memory_notes]
     else:
         lines.append('<div class="lora-maker-note">No CUDA GPU visible here: compare with your card\'s memory.</div>')
     rows = "".join(f"<tr><td>{e(p.name)}</td><td>{p.gib:.2f} GiB</td><td>{e(p.note)}</td></tr>" for p in estimate.parts)

@@ -149,6 +149,26 @@ class TrainingPlan:
         """The estimate against the GPU's memory (None without a GPU)."""
         return vram.fits(self.estimate, self.gpu[1], self.settings) if self.gpu else None
 
+    @property
+    def memory_fix(self) -> tuple[TrainSettings, list[str]] | None:
+        """When the run does not fit the GPU: the cheapest settings that do, and what they change (None when
+        it fits, without a GPU, or when nothing makes it fit)."""
+        if not self.gpu:
+            return None
+        fix = vram.fitting_settings(self.kind or SD1, self.settings, self.gpu[1])
+        return fix if fix and fix[1] else None
+
+    @property
+    def memory_notes(self) -> list[str]:
+        """The fix in words (or that none fits), and the system-memory fallback risk near the card's size."""
+        if not self.gpu:
+            return []
+        fix = vram.fitting_settings(self.kind or SD1, self.settings, self.gpu[1])
+        notes = [] if fix is None or not fix[1] else ["to fit: " + "; ".join(fix[1])]
+        if fix is None:
+            notes.append("nothing LoRA Maker can change fits this card: a smaller model, or a card with more memory")
+        return [*notes, *filter(None, [vram.sysmem_fallback_note(self.estimate, self.gpu[1])])]
+
 
 def training_plan(project: Project | None, settings: TrainSettings, kind: str | None,
                   gpu: tuple[float, float] | None = None) -> TrainingPlan:

@@ -119,25 +119,15 @@ class _Trainer(RunFiles):
         self.lora_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(s.seed)  # the network's initial weights (lycoris draws from the global generator)
         self.status("plan", message="\n".join(filter(None, [self.plan.render(), *self.plan.warnings, self._gpu_memory()])))
-        with prepared_for_training(self.host, bool(s.gradient_checkpointing)), clip_skip_set(self.host, s.clip_skip):
-            self.status("caching latents")
-            disk = None
-            if s.cache_latents == "disk":
-                disk = state_dir(self.project) / "latents"
-                disk.mkdir(parents=True, exist_ok=True)
-            self.cache = self._freeing_on_oom(cache_latents, self.host, self.data, self.progress, disk)
-            self.text_cache = None
-            if s.cache_text_encoder_outputs != "no":
-                disk = state_dir(self.project) / "text" if s.cache_text_encoder_outputs == "disk" else None
-                if disk:
-                    disk.mkdir(parents=True, exist_ok=True)
-                self.text_cache = self._freeing_on_oom(cache_conditioning, self.host, self.data, self.progress, disk)
+        host = self.host
+        with prepared_for_training(host, bool(s.gradient_checkpointing)), clip_skip_set(host, s.clip_skip):
+            self._cache()
             config = NetworkConfig(s.network, s.dim, s.alpha, s.conv_dim, s.conv_alpha)
-            self.network = Network(self.host, config, train_text_encoder=self.train_te)
+            self.network = Network(host, config, train_text_encoder=self.train_te)
             try:
                 self.network.attach()
-                parked = [getattr(self.host, "vae", None), *(self.host.text_encoders if self.text_cache else [])]
-                with off_the_gpu(parked):
+                # what training does not use leaves the GPU: the VAE, the text encoders whose outputs are cached
+                with off_the_gpu([getattr(host, "vae", None), *(host.text_encoders if self.text_cache else [])]):
                     return self._freeing_on_oom(self._loop, resume)
             except KeyboardInterrupt:  # Ctrl-C or the WebUI's interrupt: keep what was learned
                 if getattr(self, "position", None):
@@ -145,6 +135,24 @@ class _Trainer(RunFiles):
                 raise
             finally:
                 self.network.detach()
+
+    def _cache(self) -> None:
+        """The latents, then (when asked) the text encoders' outputs, each cached with only its encoder on
+        the GPU: one big part there at a time, as the WebUI's --medvram does, so small cards cache too."""
+        s, host = self.settings, self.host
+        self.status("caching latents")
+        folders = {}
+        for what, where in (("latents", s.cache_latents), ("text", s.cache_text_encoder_outputs)):
+            if where == "disk":
+                folders[what] = state_dir(self.project) / what
+                folders[what].mkdir(parents=True, exist_ok=True)
+        with off_the_gpu([host.unet, *host.text_encoders]):
+            self.cache = self._freeing_on_oom(cache_latents, host, self.data, self.progress, folders.get("latents"))
+        self.text_cache = None
+        if s.cache_text_encoder_outputs != "no":
+            with off_the_gpu([host.unet, getattr(host, "vae", None)]):
+                self.text_cache = self._freeing_on_oom(cache_conditioning, host, self.data, self.progress,
+                                                       folders.get("text"))
 
     def _freeing_on_oom(self, work, *args):
         """`work(*args)`; out of GPU memory, the failed step's tensors are freed before anything of the

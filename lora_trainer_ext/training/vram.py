@@ -2,8 +2,9 @@
 
 What lives on the GPU while LoRA Maker trains on the WebUI's model (trainer.py):
   - the frozen UNet and text encoder(s), in the host's half precision (fp32 with mixed_precision "no");
-  - the VAE only while the latents are cached: it then leaves the GPU for the whole training, so it
-    counts toward the caching phase's peak, not the training's;
+  - the VAE only while the latents are cached, alone (the UNet and text encoders wait off the GPU); it
+    then leaves for the whole training, so it counts toward the caching phase's peak, not the training's;
+    the same for the text encoders when their outputs are cached;
   - the LoRA weights and their gradients in fp32, and the optimizer's states (AdamW: two fp32 states
     per weight; AdamW8bit: two 1-byte states; Prodigy: about four fp32 states);
   - activations kept for the backward pass: per image, proportional to the image area, far fewer
@@ -120,11 +121,14 @@ def estimate(kind: str, settings: TrainSettings) -> Estimate:
     per_image = (checkpointed if s.gradient_checkpointing else full) * scale * (1 if half else 2)
     state_bytes = OPTIMIZER_STATE_BYTES.get(s.optimizer, OPTIMIZER_STATE_BYTES["AdamW"])
 
-    frozen = [
-        Part("UNet weights", UNET_PARAMS[kind] * weight_bytes / GIB, f"{UNET_PARAMS[kind] / 1e6:,.0f}M in {precision}"),
-        Part("text encoder weights", TEXT_PARAMS[kind] * weight_bytes / GIB,
-             f"{TEXT_PARAMS[kind] / 1e6:,.0f}M in {precision}, kept on the GPU for the captions"),
-    ]
+    cached_text = s.cache_text_encoder_outputs != "no" and not text
+    text_weights = Part("text encoder weights", TEXT_PARAMS[kind] * weight_bytes / GIB,
+                        f"{TEXT_PARAMS[kind] / 1e6:,.0f}M in {precision}, " + (
+                            "moved off the GPU once their outputs are cached" if cached_text
+                            else "kept on the GPU for the captions"))
+    frozen = [Part("UNet weights", UNET_PARAMS[kind] * weight_bytes / GIB, f"{UNET_PARAMS[kind] / 1e6:,.0f}M in {precision}")]
+    if not cached_text:
+        frozen.append(text_weights)
     trained = [
         Part("LoRA weights and gradients", lora * 8 / GIB,
              f"{lora / 1e6:.1f}M in fp32" + (" (UNet and text encoder)" if text else " (UNet only)")),
@@ -140,11 +144,13 @@ def estimate(kind: str, settings: TrainSettings) -> Estimate:
 
     frozen_gib = sum(p.gib for p in frozen)
     training = _with_overheads(frozen_gib + sum(p.gib for p in trained))
-    caching = _with_overheads(frozen_gib + vae.gib)
+    # The trainer caches with only the part it needs on the GPU (the VAE, then the text encoders).
+    caching = _with_overheads(max(vae.gib, text_weights.gib if cached_text else 0))
     slack = Part("allocator slack", (frozen_gib + sum(p.gib for p in trained)) * ALLOCATOR_SLACK,
                  f"{ALLOCATOR_SLACK:.0%}: memory PyTorch keeps reserved")
     context = Part("CUDA context and workspaces", CUDA_CONTEXT_GIB)
-    return Estimate(kind, max(training, caching), training, caching, lora, [*frozen, *trained, slack, context, vae])
+    parked = [vae, *([text_weights] if cached_text else [])]
+    return Estimate(kind, max(training, caching), training, caching, lora, [*frozen, *trained, slack, context, *parked])
 
 
 def _with_overheads(gib: float) -> float:
@@ -169,6 +175,51 @@ def fits(estimate: Estimate, gib: float, settings: TrainSettings | None = None) 
     if need <= gib:
         return f"tight: about {need:.1f} of {gib:.1f} GiB; close other programs using the GPU{advice and ', or ' + advice}"
     return f"too big: about {need:.1f} GiB needed, {gib:.1f} GiB available{advice and '; try ' + advice}"
+
+
+def fitting_settings(kind: str, settings: TrainSettings, gib: float) -> tuple[TrainSettings, list[str]] | None:
+    """The cheapest settings that fit `gib` of GPU memory (within TIGHT), from `settings`, and what changed:
+    first what costs only time (gradient checkpointing, cached text-encoder outputs when the text encoders
+    are not trained, an 8-bit optimizer, half the batch with twice the accumulation, which trains the same),
+    then, last, a lower resolution. ([] when it fits already; None when nothing here makes it fit.)"""
+    s = settings.resolved(kind)
+    steps = [
+        (not s.gradient_checkpointing, dict(gradient_checkpointing=True), "gradient checkpointing on (about 20% slower)"),
+        (s.cache_text_encoder_outputs == "no" and s.text_encoder_lr == 0, dict(cache_text_encoder_outputs="ram"),
+         "text-encoder outputs cached (their weights leave the GPU)"),
+        (s.optimizer == "AdamW" and optimizer_available("AdamW8bit"), dict(optimizer="AdamW8bit"),
+         "optimizer AdamW8bit"),
+    ]
+    batch, accumulation = s.batch_size, s.gradient_accumulation_steps
+    while batch > 1:
+        batch, accumulation = batch // 2, accumulation * 2
+        steps.append((True, dict(batch_size=batch, gradient_accumulation_steps=accumulation),
+                      f"batch {batch} x {accumulation} accumulated (the same images per step, less memory)"))
+    lowest = 768 if kind == SDXL else 384
+    side = s.resolution
+    while side - 128 >= lowest:
+        side -= 128
+        steps.append((True, dict(resolution=side), f"resolution {side} (changes what is learned: the last resort)"))
+    current, changes = settings, []
+    if estimate(kind, current).total_gib <= gib * TIGHT:
+        return current, changes
+    for wanted, values, why in steps:
+        if not wanted:
+            continue
+        current = current.replace(**values)
+        changes = [c for c in changes if not c.startswith(why.split(" ")[0])] + [why]
+        if estimate(kind, current).total_gib <= gib * TIGHT:
+            return current, changes
+    return None
+
+
+def sysmem_fallback_note(estimate: Estimate, total_gib: float) -> str:
+    """What a run near the card's size risks on Windows: the driver spilling into system memory."""
+    if estimate.total_gib < total_gib * 0.85:
+        return ""
+    return ("near the card's size: on Windows, NVIDIA drivers from 536.40 move what does not fit into system memory "
+            "instead of failing, and training then runs 5-20x slower. NVIDIA Control Panel > Manage 3D settings > "
+            "CUDA - Sysmem Fallback Policy: Prefer No Sysmem Fallback makes it fail fast instead")
 
 
 def _advice(kind: str, settings: TrainSettings) -> str:
