@@ -1,6 +1,7 @@
 """The WebUI adapter: the only part of LoRA Maker that imports the WebUI's `modules.*` (host.py: its
 model as a training Host; render.py: its txt2img as a grid renderer; studio.py: the Studio it builds;
-settings.py: the Settings page section). It may import anything of the package; nothing imports it
+settings.py: the Settings page section; compat.py: the internals it relies on, checked at start;
+medvram.py: training under --medvram). It may import anything of the package; nothing imports it
 but scripts/.
 
 `scripts/lora_maker.py` calls `register()` when the WebUI loads the extension (at start and at every
