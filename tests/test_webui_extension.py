@@ -60,7 +60,8 @@ API = "/lora-maker/v1"
 STEPS = 320
 TRAIN = dict(resolution=64, min_bucket=64, max_bucket=128, bucket_step=64, repeats=40, epochs=2, batch_size=1,
              dim=4, alpha=4, conv_dim=2, conv_alpha=2, mixed_precision="no", unet_lr=1e-3, text_encoder_lr=1e-4,
-             lr_scheduler="constant", min_snr_gamma=0.0, save_every_n_epochs=1)
+             lr_scheduler="constant", min_snr_gamma=0.0, save_every_n_epochs=1,
+             gradient_checkpointing=False, multires_noise_iterations=0)  # (SDXL's defaults: slower on a CPU)
 ARTIFACT_DIR = ARTIFACTS / "test_webui_extension"
 
 
