@@ -293,6 +293,28 @@ def test_two_accumulated_batches_of_2_train_as_one_batch_of_4(project, checkpoin
     assert step_arithmetic(4, plan).render() == "4 images x 2 repeats x 2 epochs / batch 2 x 2 accumulated = 4 steps"
 
 
+def test_a_run_continues_from_an_existing_lora_file_of_the_same_network(dataset, checkpoints, tmp_path):
+    first = train(dataset, load_checkpoint(checkpoints[SD1]), settings(epochs=1), tmp_path / "first").final
+    # with a learning rate of almost nothing, what comes out is what went in: the file's weights were the start
+    again = train(dataset, load_checkpoint(checkpoints[SD1]),
+                  settings(epochs=1, unet_lr=1e-12, text_encoder_lr=1e-12, network_weights=str(first)), tmp_path / "b")
+    a, _ = lora_file.read_lora(first)
+    b, _ = lora_file.read_lora(again.final)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    assert any(a[k].abs().max() > 1e-3 for k in a if "lora_up" in k)  # a trained file, not a fresh one
+    for changes, words in ((dict(dim=8), "does not fit this network"), (dict(text_encoder_lr=0.0), "does not fit"),
+                           (dict(network_weights=str(tmp_path / "none.safetensors")), "no LoRA file")):
+        with pytest.raises(LoraMakerError, match=words):
+            train(dataset, load_checkpoint(checkpoints[SD1]), settings(**{"network_weights": str(first), **changes}),
+                  tmp_path / "c")
+    with pytest.raises(LoraMakerError, match="another model family"):
+        train(dataset, load_checkpoint(checkpoints[SDXL]), settings(network_weights=str(first)), tmp_path / "d")
+    from lora_trainer_ext.training.plan import training_plan
+
+    plan = training_plan(dataset, settings(network_weights=str(first)), SD1)
+    assert any(w.startswith(f"continues from {first.name}: its weights are the start") for w in plan.warnings)
+
+
 @pytest.mark.parametrize("kind", [SD1, SDXL])
 def test_cached_text_encoder_outputs_train_the_same_lora(dataset, checkpoints, tmp_path, kind):
     long = ", ".join(["mychar", "1girl"] + ["red hair", "blue eyes", "smile", "dress", "sky"] * 12)  # 2 chunks

@@ -14,6 +14,7 @@ from ..training.settings import CHOICES, FIELDS, TrainSettings
 # Settings that are True, False or None ("by model"): a three-way choice in the form.
 AUTO_ON_OFF = {"auto": None, "on": True, "off": False}
 THREE_WAY = ("gradient_checkpointing", "zero_terminal_snr", "scale_v_pred_loss")
+TEXT = ("network_weights",)  # free text (a path): a textbox
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ GROUPS = (
         Input("alpha", "Alpha", step=0.5),
         Input("conv_dim", "Conv dim", "LoCon only"),
         Input("conv_alpha", "Conv alpha", "LoCon only", step=0.5),
+    ), (
+        Input("network_weights", "Continue from LoRA file", "its path; same network and rank; empty: start fresh",
+              optional=True),
     )),
     Group("Images & captions", (
         Input("resolution", "Resolution", "empty: 512, 1024 for SDXL", step=64, optional=True),
@@ -109,6 +113,8 @@ def component(spec: Input):
         return gr.Dropdown(list(CHOICES[spec.key]), **common)
     if isinstance(getattr(_DEFAULTS, spec.key), bool):
         return gr.Checkbox(**{**common, "info": None}, elem_classes="lora-maker-train-check")
+    if spec.key in TEXT:
+        return gr.Textbox(lines=1, **{**common, "value": common["value"] or ""})
     return gr.Number(step=spec.step, min_width=120, **common)
 
 

@@ -176,6 +176,9 @@ def training_plan(project: Project | None, settings: TrainSettings, kind: str | 
     `kind` (checked: LoraMakerError for impossible settings). Steps are counted per bucket from the
     images' headers, as the trainer assigns them."""
     advice = settings.validate(kind)
+    if settings.network_weights:
+        advice.append(f"continues from {Path(settings.network_weights).name}: its weights are the start, and the "
+                      "epochs count from 1 again")
     resolved = settings.resolved(kind or SD1, project)
     images = project.images() if project else []
     sizes = image_sizes(images) if images else None

@@ -23,6 +23,24 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 
 
 class RunFiles:
+    def start_from(self, path: Path) -> None:
+        """The network's weights from an existing LoRA file (the XL trainer's "Continue"): one of this model
+        kind, network type, rank and text-encoder choice, or an error that says which differs."""
+        if not path.is_file():
+            raise LoraMakerError(f"network_weights: there is no LoRA file at {path}")
+        tensors, meta = lora_file.read_lora(path)
+        trained_on = meta.get("ss_base_model_version", "")
+        if trained_on and trained_on.startswith("sdxl") != (self.host.kind == "sdxl"):
+            raise LoraMakerError(f"{path.name} was trained on another model family ({trained_on}): it cannot "
+                                 f"continue on this {self.host.kind} model")
+        try:
+            named = lora_file.from_output_names({k: v.float() for k, v in tensors.items()}, self.host.kind,
+                                                self.network.module_paths())
+            self.network.load_lora_state_dict(named)
+        except (LoraMakerError, RuntimeError) as e:
+            raise LoraMakerError(f"{path.name} does not fit this network: train with the network type, dim, conv_dim "
+                                 f"and text-encoder choice it was made with ({e})") from None
+
     def _run_facts(self, epoch: int, step: int) -> dict:
         s = self.settings
         return {

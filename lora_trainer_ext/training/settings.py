@@ -95,6 +95,7 @@ class TrainSettings:
     alpha: float = 8.0  # scale = alpha / dim
     conv_dim: int = 8  # rank of the convolution layers (locon only)
     conv_alpha: float = 4.0  # conv scale = conv_alpha / conv_dim (locon only)
+    network_weights: str | None = None  # continue from this LoRA file (same model, network type and rank)
     # -- memory and speed --
     mixed_precision: str = "fp16"  # autocast dtype: fp16 (with loss scaling), bf16, or no
     gradient_checkpointing: bool | None = None  # recompute activations to save memory; None: on for SDXL only

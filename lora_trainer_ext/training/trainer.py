@@ -124,6 +124,8 @@ class _Trainer(RunFiles):
             self._cache()
             config = NetworkConfig(s.network, s.dim, s.alpha, s.conv_dim, s.conv_alpha)
             self.network = Network(host, config, train_text_encoder=self.train_te)
+            if s.network_weights and not resume:  # a resumed run's state holds the weights it reached
+                self.start_from(Path(s.network_weights).expanduser())
             try:
                 self.network.attach()
                 # what training does not use leaves the GPU: the VAE, the text encoders whose outputs are cached
