@@ -58,6 +58,13 @@ def test_cosine_with_restarts_with_warmup_counts_cycles_after_it():
     assert f(30) == pytest.approx(0.5)
 
 
+def test_linear_and_polynomial_fall_to_zero_after_the_warmup():
+    linear, square = lr_lambda("linear", 110, 10), lr_lambda("polynomial", 110, 10, power=2.0)
+    assert [linear(s) for s in (0, 5, 10, 60, 110)] == pytest.approx([0, 0.5, 1, 0.5, 0])
+    assert [square(s) for s in (5, 10, 60, 85, 110)] == pytest.approx([0.5, 1, 0.25, 0.0625, 0])
+    assert lr_lambda("polynomial", 110, 10)(60) == linear(60)  # power 1 is linear
+
+
 def test_one_restart_is_plain_cosine():
     a = lr_lambda("cosine_with_restarts", 200, 20, cycles=1)
     b = lr_lambda("cosine", 200, 20)
@@ -65,7 +72,8 @@ def test_one_restart_is_plain_cosine():
 
 
 @pytest.mark.parametrize(
-    "args", [("linear", 10, 0, 1), ("cosine", 0, 0, 1), ("cosine", 10, -1, 1), ("cosine_with_restarts", 10, 0, 0)]
+    "args", [("rex", 10, 0, 1), ("cosine", 0, 0, 1), ("cosine", 10, -1, 1), ("cosine_with_restarts", 10, 0, 0),
+             ("polynomial", 10, 0, 1, 0.0)]
 )
 def test_bad_schedules_are_refused(args):
     with pytest.raises(LoraMakerError):

@@ -52,6 +52,7 @@ GROUPS = (
         Input("lr_scheduler", "Scheduler"),
     ), (
         Input("lr_cycles", "Cycles", "cosine_with_restarts cycles"),
+        Input("lr_power", "Polynomial power", "the polynomial schedule's; 1 is linear", step=0.1),
         Input("warmup_ratio", "Warmup ratio", step=0.01),
         Input("min_snr_gamma", "Min-SNR gamma", "0: off", step=0.5),
         Input("noise_offset", "Noise offset", "0: off", step=0.01),

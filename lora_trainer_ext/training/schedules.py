@@ -1,5 +1,5 @@
-"""Learning-rate schedules: the four the guide offers, as multipliers of the base learning rate per
-optimizer step, with the same shapes as diffusers' schedulers (which sd-scripts uses), so a LoRA
+"""Learning-rate schedules: the guide's four and the XL trainer's linear and polynomial, as multipliers of
+the base learning rate per optimizer step, with the same shapes as diffusers' schedulers (which sd-scripts uses), so a LoRA
 trained here follows the curve users know from the notebooks.
 
 The multiplier is a small picklable object rather than a closure, so `LambdaLR.state_dict()` holds
@@ -17,9 +17,9 @@ from ..errors import LoraMakerError
 if TYPE_CHECKING:  # the settings form reads SCHEDULERS without loading torch
     import torch
 
-SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts")
+SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 # Schedulers that ramp up first; plain "constant" ignores warmup, as in diffusers and the notebooks.
-WARMUP_SCHEDULERS = ("constant_with_warmup", "cosine", "cosine_with_restarts")
+WARMUP_SCHEDULERS = ("constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 
 
 def warmup_steps(total_steps: int, ratio: float) -> int:
@@ -35,6 +35,7 @@ class LrMultiplier:
     total_steps: int
     warmup_steps: int = 0
     cycles: int = 1
+    power: float = 1.0  # polynomial's
 
     def __call__(self, step: int) -> float:
         warmup = self.warmup_steps if self.name in WARMUP_SCHEDULERS else 0
@@ -45,28 +46,32 @@ class LrMultiplier:
         progress = (step - warmup) / max(1, self.total_steps - warmup)
         if self.name == "cosine":
             return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+        if self.name in ("linear", "polynomial"):  # to 0 at the end (diffusers' polynomial ends at lr 1e-7)
+            return max(0.0, 1.0 - progress) ** (self.power if self.name == "polynomial" else 1.0)
         # cosine_with_restarts: `cycles` full cosine cycles, each jumping back to 1 (hard restarts).
         if progress >= 1.0:
             return 0.0
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((self.cycles * progress) % 1.0))))
 
 
-def lr_lambda(name: str, total_steps: int, warmup_steps: int = 0, cycles: int = 1) -> LrMultiplier:
+def lr_lambda(name: str, total_steps: int, warmup_steps: int = 0, cycles: int = 1, power: float = 1.0) -> LrMultiplier:
     """The multiplier function of schedule `name` (one of SCHEDULERS)."""
     if name not in SCHEDULERS:
         raise LoraMakerError(f"unknown lr_scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
     if total_steps < 1:
         raise LoraMakerError(f"a schedule needs at least 1 step, got {total_steps}")
-    if warmup_steps < 0 or cycles < 1:
-        raise LoraMakerError(f"warmup steps must be >= 0 and cycles >= 1 (got {warmup_steps}, {cycles})")
-    return LrMultiplier(name, total_steps, warmup_steps, cycles)
+    if warmup_steps < 0 or cycles < 1 or power <= 0:
+        raise LoraMakerError(f"warmup steps must be >= 0, cycles >= 1 and power above 0 (got {warmup_steps}, {cycles}, "
+                             f"{power})")
+    return LrMultiplier(name, total_steps, warmup_steps, cycles, power)
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_steps: int = 0, cycles: int = 1
+    optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_steps: int = 0, cycles: int = 1,
+    power: float = 1.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR over every parameter group (each group keeps its own base lr: UNet and text
     encoder). Call `.step()` after each optimizer step; resume with `.load_state_dict()`."""
     import torch
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(name, total_steps, warmup_steps, cycles))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(name, total_steps, warmup_steps, cycles, power))

@@ -76,8 +76,9 @@ class TrainSettings:
     # -- learning --
     unet_lr: float = 5e-4  # UNet learning rate (1e-4 to 2e-4 to "cook slowly")
     text_encoder_lr: float = 1e-4  # text encoder learning rate, 1/2 to 1/5 of the UNet's; 0: UNet only
-    lr_scheduler: str = "cosine_with_restarts"  # constant, constant_with_warmup, cosine or cosine_with_restarts
+    lr_scheduler: str = "cosine_with_restarts"  # constant(_with_warmup), cosine(_with_restarts), linear or polynomial
     lr_cycles: int = 3  # cosine cycles of cosine_with_restarts (kohya's lr_scheduler_num_cycles)
+    lr_power: float = 1.0  # the polynomial schedule's power (kohya's lr_scheduler_power; 1 is linear)
     warmup_ratio: float = 0.05  # share of the steps spent ramping the learning rate up (not for constant)
     min_snr_gamma: float = 5.0  # min-SNR loss weighting gamma; 0: off
     noise_offset: float = 0.0  # extra per-channel noise that lets the LoRA learn very dark/bright images; 0: off
@@ -173,6 +174,7 @@ class TrainSettings:
         for name in ("caption_dropout", "tag_dropout"):
             need(0 <= getattr(self, name) <= 1, f"{name} is a chance between 0 and 1 (got {getattr(self, name)})")
         need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be from 0 to below 1 (got {self.warmup_ratio})")
+        need(self.lr_power > 0, f"lr_power must be above 0 (got {self.lr_power})")
         need(0 < self.multires_noise_discount <= 1,
              f"multires_noise_discount must be above 0 and at most 1 (got {self.multires_noise_discount})")
         for name, allowed in CHOICES.items():

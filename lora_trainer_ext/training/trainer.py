@@ -182,7 +182,8 @@ class _Trainer(RunFiles):
     def _loop(self, resume: bool) -> Result:
         s = self.settings
         self.optimizer = make_optimizer(s.optimizer, self.network.parameter_groups(s.unet_lr, s.text_encoder_lr))
-        self.scheduler = make_scheduler(self.optimizer, s.lr_scheduler, self.total_steps, self.plan.warmup_steps, s.lr_cycles)
+        self.scheduler = make_scheduler(self.optimizer, s.lr_scheduler, self.total_steps, self.plan.warmup_steps,
+                                        s.lr_cycles, s.lr_power)
         self.autocast, self.scaler = autocast_for(self.host, s.mixed_precision)
         self.generator = torch.Generator().manual_seed(s.seed)
         self.losses: list[float] = []
