@@ -53,6 +53,11 @@ class Host(Protocol):
         """The UNet's prediction (eps or v, per `parameterization`) for noisy `latents`."""
 
 
+def crossattn(cond):
+    """The cross-attention context of a host's conditioning (SDXL's is a dict that also holds "vector")."""
+    return cond["crossattn"] if isinstance(cond, dict) else cond
+
+
 def gpu_memory(device=None) -> tuple[float, float] | None:
     """(free, total) GiB of the CUDA `device` (default: the current one), None when training would not
     run on a CUDA GPU. The one place LoRA Maker asks: the plan, the presets and the trainer's messages."""

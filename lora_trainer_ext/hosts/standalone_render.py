@@ -35,7 +35,7 @@ from ..grids.plan import Cell, RenderSettings
 from ..grids.renderer import Rendered, format_infotext
 from ..training import lora_file
 from ..training.network import Network, NetworkConfig
-from .host import SDXL, SizeInfo
+from .host import SDXL, SizeInfo, crossattn
 
 # sampler -> the schedule "Automatic" means for it (the WebUI's sampler options); None: Uniform, the
 # model's own discrete timesteps, which the infotext then calls "Automatic"
@@ -272,7 +272,7 @@ class StandaloneRenderer:
         conds = self.conditioning(cell, settings, guided)
         # One UNet batch when prompt and negative prompt have as many chunks, else one call each (the WebUI's
         # default, without "pad prompt/negative prompt").
-        same = len({tuple(_crossattn(c).shape) for c in conds}) == 1
+        same = len({tuple(crossattn(c).shape) for c in conds}) == 1
         calls = [(_cat(conds), len(conds))] if same else [(c, 1) for c in conds]
         sigmas = self.schedule.sigmas(schedule_label(settings), settings.steps)
         batch = len(conds)
@@ -311,10 +311,6 @@ class StandaloneRenderer:
             conds[1]["crossattn"][:] = 0
             conds[1]["vector"][:, :pooled] = 0
         return conds
-
-
-def _crossattn(cond) -> torch.Tensor:
-    return cond["crossattn"] if isinstance(cond, dict) else cond
 
 
 def _cat(conds: list):

@@ -16,14 +16,15 @@ import math
 import torch
 from torch.nn.utils import parametrize
 
-# (OpenCLIP weight inside a resblock, slice of its rows, the HF CLIP layer kohya names)
+# (OpenCLIP weight inside a resblock, how many layers share its rows, the HF CLIP layer kohya names);
+# the layers sharing a weight take its rows in this order (q, k, v).
 _TARGETS = (
-    ("attn.in_proj_weight", 0, "self_attn.q_proj"),
-    ("attn.in_proj_weight", 1, "self_attn.k_proj"),
-    ("attn.in_proj_weight", 2, "self_attn.v_proj"),
-    ("attn.out_proj.weight", None, "self_attn.out_proj"),
-    ("mlp.c_fc.weight", None, "mlp.fc1"),
-    ("mlp.c_proj.weight", None, "mlp.fc2"),
+    ("attn.in_proj_weight", 3, "self_attn.q_proj"),
+    ("attn.in_proj_weight", 3, "self_attn.k_proj"),
+    ("attn.in_proj_weight", 3, "self_attn.v_proj"),
+    ("attn.out_proj.weight", 1, "self_attn.out_proj"),
+    ("mlp.c_fc.weight", 1, "mlp.fc1"),
+    ("mlp.c_proj.weight", 1, "mlp.fc2"),
 )
 
 
@@ -75,9 +76,9 @@ class OpenClipLoras(torch.nn.Module):
         self._weights: list[tuple[torch.nn.Module, str, list[LoraPair]]] = []
         for i, block in enumerate(tower.transformer.resblocks):
             by_weight: dict[str, list[LoraPair]] = {}
-            for weight_path, third, hf_layer in _TARGETS:
+            for weight_path, sharing, hf_layer in _TARGETS:
                 weight = block.get_parameter(weight_path)
-                out_features = weight.shape[0] // 3 if third is not None else weight.shape[0]
+                out_features = weight.shape[0] // sharing
                 path = f"text_model.encoder.layers.{i}.{hf_layer}"
                 pair = LoraPair(f"{prefix}_{path}".replace(".", "_"), weight.shape[1], out_features, rank, alpha)
                 self.add_module(pair.lora_name, pair)
@@ -96,7 +97,3 @@ class OpenClipLoras(torch.nn.Module):
         for module, name, _ in self._weights:
             if parametrize.is_parametrized(module, name):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=False)
-
-    def set_multiplier(self, multiplier: float) -> None:  # lycoris' interface; training runs at 1
-        if multiplier != 1:
-            raise NotImplementedError("OpenCLIP LoRAs are for training only")

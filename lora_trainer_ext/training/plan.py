@@ -6,6 +6,7 @@ the trainer's first status show.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,13 +150,19 @@ class TrainingPlan:
         """The estimate against the GPU's memory (None without a GPU)."""
         return vram.fits(self.estimate, self.gpu[1], self.settings) if self.gpu else None
 
+    @functools.cached_property
+    def _fitting(self) -> tuple[TrainSettings, list[str]] | None:
+        """`vram.fitting_settings` for the GPU, searched once per plan (the tab, the API and the CLI ask
+        for the fix and the notes)."""
+        return vram.fitting_settings(self.kind or SD1, self.settings, self.gpu[1])
+
     @property
     def memory_fix(self) -> tuple[TrainSettings, list[str]] | None:
         """When the run does not fit the GPU: the cheapest settings that do, and what they change (None when
         it fits, without a GPU, or when nothing makes it fit)."""
         if not self.gpu:
             return None
-        fix = vram.fitting_settings(self.kind or SD1, self.settings, self.gpu[1])
+        fix = self._fitting
         return fix if fix and fix[1] else None
 
     @property
@@ -163,7 +170,7 @@ class TrainingPlan:
         """The fix in words (or that none fits), and the system-memory fallback risk near the card's size."""
         if not self.gpu:
             return []
-        fix = vram.fitting_settings(self.kind or SD1, self.settings, self.gpu[1])
+        fix = self._fitting
         notes = [] if fix is None or not fix[1] else ["to fit: " + "; ".join(fix[1])]
         if fix is None:
             notes.append("nothing LoRA Maker can change fits this card: a smaller model, or a card with more memory")

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import Stopped
-from ..hosts.host import SDXL, Host
+from ..hosts.host import SDXL, Host, crossattn
 from ..progress import Progress
 from .data import TrainData
-from .latents import cached
+from .latents import cache_each, cached
 
 CHUNK = 77  # positions per encoded chunk
 
@@ -28,30 +27,23 @@ def cache_conditioning(host: Host, data: TrainData, progress: Progress, disk: Pa
     """{(image index, flip): conditioning (or the file holding it)} for every key the run can ask for,
     plus "empty": one empty chunk's encoding, what shorter captions are padded with."""
     keys = data.cache_keys()
-    cache: dict = {}
-    with torch.no_grad(), progress.task("caching text-encoder outputs", len(keys) + 1) as task:
-        first = data.sizes_of([keys[0]]) if host.kind == SDXL else None
-        cache["empty"] = _crossattn(_cpu(host.conditioning([""], first)))[:, :CHUNK]
-        task.advance()
-        for key in keys:
-            if progress.should_stop():
-                raise Stopped("stopped while caching text-encoder outputs: nothing was trained yet")
-            sizes = data.sizes_of([key]) if host.kind == SDXL else None
-            cond = _cpu(host.conditioning([data.items[key[0]].caption], sizes))
-            if disk is None:
-                cache[key] = cond
-            else:
-                path = disk / f"{key[0]:06d}{'-flip' if key[1] else ''}.pt"
-                torch.save(cond, path)
-                cache[key] = path
-            task.advance()
-    return cache
+
+    def encode(key: tuple[int, bool], caption: str | None = None):
+        sizes = data.sizes_of([key]) if host.kind == SDXL else None
+        cond = host.conditioning([data.items[key[0]].caption if caption is None else caption], sizes)
+        if isinstance(cond, dict):
+            return {name: value.detach().float().cpu() for name, value in cond.items()}
+        return cond.detach().float().cpu()
+
+    with torch.no_grad():
+        empty = crossattn(encode(keys[0], ""))[:, :CHUNK]
+    return {**cache_each(keys, encode, progress, "text-encoder outputs", disk), "empty": empty}
 
 
 def batch_conditioning(cache: dict, keys: list, device: torch.device):
     """The conditioning of a batch (`keys` as the latents'), from the cache, on `device`."""
     conds = [cached(cache, key) for key in keys]
-    longest = max(_crossattn(c).shape[1] for c in conds)
+    longest = max(crossattn(c).shape[1] for c in conds)
     empty = cache["empty"]
 
     def padded(crossattn: torch.Tensor) -> torch.Tensor:
@@ -62,13 +54,3 @@ def batch_conditioning(cache: dict, keys: list, device: torch.device):
         return {"crossattn": torch.cat([padded(c["crossattn"]) for c in conds]).to(device),
                 "vector": torch.cat([c["vector"] for c in conds]).to(device)}
     return torch.cat([padded(c) for c in conds]).to(device)
-
-
-def _crossattn(cond) -> torch.Tensor:
-    return cond["crossattn"] if isinstance(cond, dict) else cond
-
-
-def _cpu(cond):
-    if isinstance(cond, dict):
-        return {key: value.detach().float().cpu() for key, value in cond.items()}
-    return cond.detach().float().cpu()

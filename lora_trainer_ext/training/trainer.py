@@ -280,11 +280,11 @@ class _Trainer(RunFiles):
             latents, self.generator, len(host.alphas_cumprod), s.noise_offset, s.multires_noise_iterations,
             s.multires_noise_discount, s.ip_noise_gamma)
         noisy = objective.add_noise(latents, put_in, timesteps, self.alphas)
-        sizes = self.data.sizes(plan) if host.kind == "sdxl" else None
         with self.autocast:
             if self.text_cache is not None:
                 cond = batch_conditioning(self.text_cache, plan.keys, host.device)
             else:
+                sizes = self.data.sizes(plan) if host.kind == SDXL else None
                 with torch.set_grad_enabled(self.train_te):
                     cond = host.conditioning(plan.captions, sizes)
             if step == self.first_step:
