@@ -10,7 +10,7 @@ import copy
 
 from .errors import LoraMakerError
 
-VERSION = 4  # what this release writes; a file without "version" is version 1
+VERSION = 5  # what this release writes; a file without "version" is version 1
 
 
 def _rename(section: dict, old: str, new: str) -> None:
@@ -55,7 +55,21 @@ def _v3_to_v4(data: dict) -> None:
                 del train[key]
 
 
-STEPS = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}  # version -> the step that brings a file of that version to the next
+# The arguments each optimizer got before optimizer_args existed (pytorch-optimizer's names for prodigyopt's).
+_V4_OPTIMIZER_ARGS = {"AdamW": "weight_decay=0.01", "AdamW8bit": "weight_decay=0.01",
+                      "Prodigy": "weight_decay=0.01 safeguard_warmup=True bias_correction=True"}
+
+
+def _v4_to_v5(data: dict) -> None:
+    """optimizer_args is new, and unset it means the notebooks' recommended arguments (for SDXL's AdamW and for
+    Prodigy not what version 4 used): an optimizer chosen in the file (always so in a stopped run's settings)
+    keeps the arguments it had, so a stopped run resumes as it ran."""
+    train = data.get("train")
+    if isinstance(train, dict) and train.get("optimizer") in _V4_OPTIMIZER_ARGS and "optimizer_args" not in train:
+        train["optimizer_args"] = _V4_OPTIMIZER_ARGS[train["optimizer"]]
+
+
+STEPS = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5}  # version -> the step that brings a file of that version to the next
 
 
 def migrate(data: dict, where: str = "settings.json") -> dict:

@@ -48,6 +48,8 @@ class Studio:
     paste_to_txt2img: Callable[[Any, Any], None] | None = None
     # Why this host can neither train nor render grids (a part of the WebUI they rely on is gone), or None.
     host_problem: Callable[[], str | None] = lambda: None
+    # What the plan should say about the loaded model (e.g. a v-prediction model the host samples as eps).
+    model_notes: Callable[[], list[str]] = lambda: []
     last_project: str | None = None  # the project picked last, shown again when the page is reloaded
 
     # ---- projects ----
@@ -217,7 +219,7 @@ class Studio:
         kind = self.model_kind()
         if settings is None:
             settings = train_settings.load(project, kind) if project else train_settings.defaults(kind)
-        return training_plan(project, settings, kind, self.gpu_memory())
+        return training_plan(project, settings, kind, self.gpu_memory(), self.model_notes())
 
     def start_training(self, name: str, settings: TrainSettings | None = None, resume: bool = False,
                        grid: bool = False, restart: bool = False) -> Job:

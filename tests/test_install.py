@@ -357,6 +357,8 @@ def test_install_py_never_moves_a_webui_pin(webui_venv):
     reported = {canonical(line.rpartition(" ")[2].split("==")[0])
                 for line in first.stdout.splitlines() if line.startswith("LoRA Maker: installed ")}  # fmt: skip
     assert reported == ours and ours <= set(after)
+    # (not pytorch_optimizer: it imports transformers, which this venv holds without transformers' own
+    # dependencies; the real WebUI's Python trains with it in tests/webui_session.py)
     _check(_run([venv.python, "-c", "import onnxruntime, imagehash, lycoris"], venv.env))
 
     start = time.perf_counter()

@@ -13,6 +13,7 @@ import safetensors.torch
 import torch
 from lora_consumers import (
     TE_CONTAINERS,
+    TE_LAYERS,
     UNET_LOCON_CONTAINERS,
     UNET_LORA_CONTAINERS,
     comfy_key_map,
@@ -531,4 +532,6 @@ def test_the_real_network_writes_the_names_and_shapes_checked_above(kind, algo):
     ours = to_output_names(net.lora_state_dict(), kind, net.module_paths())
     state, paths = network_lora(kind, unet, tes, algo == "locon")
     expected = to_output_names(state, kind, paths)
+    if kind == SD2:  # kohya's SD2 text encoder stops at the penultimate layer, which SD2 reads
+        expected = {k: v for k, v in expected.items() if f"_layers_{TE_LAYERS - 1}_" not in k}
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in expected.items()}

@@ -114,3 +114,15 @@ def test_start_over_discards_the_stopped_run(v1):
     v1.jobs.wait(180)
     assert job.state == "done" and job.result.steps == 8, job.error  # all 8 steps: nothing was resumed
     assert not state_path(v1.project("v1run")).exists() and v1.can_resume("v1run") is False
+
+
+def test_an_optimizer_chosen_before_optimizer_args_keeps_the_arguments_it_had(tmp_path):
+    """Unset optimizer_args means the notebooks' recommended arguments, which differ from what version 4 gave
+    Prodigy (and SDXL's AdamW): a file (or stopped run) that chose an optimizer keeps its old arguments."""
+    project = Project.open(tmp_path, "p", create=True)
+    for optimizer, args in (("Prodigy", "weight_decay=0.01 safeguard_warmup=True bias_correction=True"),
+                            ("AdamW8bit", "weight_decay=0.01")):
+        project.settings_path.write_text(json.dumps({"version": 4, "train": {"optimizer": optimizer}}), encoding="utf-8")
+        assert project.settings()["train"] == {"optimizer": optimizer, "optimizer_args": args}
+    project.settings_path.write_text(json.dumps({"version": 4, "train": {"epochs": 3}}), encoding="utf-8")
+    assert project.settings()["train"] == {"epochs": 3}  # AdamW by default: the recommended arguments from now on

@@ -230,3 +230,22 @@ def test_an_openclip_tower_trains_under_kohyas_names_what_hf_clip_computes():
     assert tower.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in tower.state_dict().items())
 
+
+
+def test_sd2_leaves_the_unused_last_openclip_layer_out_and_sdxl_keeps_it(tmp_path):
+    """SD2 conditions on OpenCLIP's penultimate layer: a LoRA on the last would never learn, and kohya's SD2
+    text encoder has no such layer (its keys would be unexpected there). SDXL's pooled output needs it."""
+    from tiny_hosts import make_checkpoint
+
+    from lora_trainer_ext.hosts.host import SD2
+    from lora_trainer_ext.hosts.standalone import load_checkpoint
+
+    def te_layers(kind, prefix):
+        host = load_checkpoint(make_checkpoint(tmp_path / kind, kind))
+        network = Network(host, NetworkConfig("lora", 4, 4.0), train_text_encoder=True)
+        names = [name for part in network.text_encoder_parts for name in part.paths if name.startswith(prefix)]
+        return sorted({int(name.split("_layers_")[1].split("_")[0]) for name in names})
+
+    assert te_layers(SD2, "lora_te_") == [0]  # of the tiny tower's 2
+    assert te_layers(SDXL, "lora_te2_") == [0, 1]
+    assert te_layers(SDXL, "lora_te1_") == [0, 1]

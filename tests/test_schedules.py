@@ -72,7 +72,7 @@ def test_one_restart_is_plain_cosine():
 
 
 @pytest.mark.parametrize(
-    "args", [("rex", 10, 0, 1), ("cosine", 0, 0, 1), ("cosine", 10, -1, 1), ("cosine_with_restarts", 10, 0, 0),
+    "args", [("step", 10, 0, 1), ("cosine", 0, 0, 1), ("cosine", 10, -1, 1), ("cosine_with_restarts", 10, 0, 0),
              ("polynomial", 10, 0, 1, 0.0)]
 )
 def test_bad_schedules_are_refused(args):
@@ -108,3 +108,17 @@ def test_scheduler_drives_every_group_and_resumes(name):
         for o, s in ((opt, sched), (opt2, sched2)):
             o.step()
             s.step()
+
+
+def test_rex_is_the_xl_trainers_rational_decay_with_decaying_restarts():
+    """RexAnnealingWarmRestarts as the XL trainer sets it (d 0.9, gamma 0.9, min_lr ~0): each of the cycles
+    (total / cycles steps) warms up again, peaks at 0.9x the last one's, and decays along
+    (1 - p) / (0.1 + 0.9 (1 - p)): slow at first, steep at the end."""
+    f = lr_lambda("rex", 30, 3, 3)  # 3 cycles of 10 steps, 3 warmup steps each
+    assert [f(s) for s in (0, 1, 3)] == pytest.approx([0.0, 1 / 3, 1.0])
+    p = 3 / 7  # step 6: 3 of the 7 decay steps
+    assert f(6) == pytest.approx((1 - p) / (0.1 + 0.9 * (1 - p)))
+    assert f(6) > 1 - p  # above the straight line: rex holds the rate longer than linear
+    assert f(13) == pytest.approx(0.9) and f(23) == pytest.approx(0.81) and f(10) == 0.0
+    cut = lr_lambda("rex", 10, 20, 1)  # a warmup longer than its cycle is cut to leave one step of decay
+    assert (cut(8), cut(9)) == (pytest.approx(8 / 9), 1.0)

@@ -401,14 +401,28 @@ def test_trained_files_load_in_the_webui_and_comfyui_key_maps(dataset, checkpoin
     assert comfy_key_map(keys, host.unet, kind)[1] == []
 
 
-@pytest.mark.parametrize("optimizer, lr", [("AdamW8bit", 1e-3), ("Prodigy", 1.0)])
-def test_optional_optimizers(dataset, checkpoints, tmp_path, optimizer, lr):
+@pytest.mark.parametrize("optimizer, lr, written", [
+    ("AdamW", 1e-3, "torch.optim.adamw.AdamW(weight_decay=0.01)"),
+    ("AdamW8bit", 1e-3, "bitsandbytes.optim.adamw.AdamW8bit(weight_decay=0.01)"),
+    ("Prodigy", 1.0, "pytorch_optimizer.optimizer.prodigy.Prodigy(weight_decouple=True,weight_decay=0.01,"
+                     "betas=(0.9, 0.999),d_coef=2,bias_correction=True,safeguard_warmup=True)"),
+    ("CAME", 1e-3, "pytorch_optimizer.optimizer.came.CAME(weight_decay=0.04)"),
+])  # fmt: skip
+def test_optimizers_train_and_the_file_names_them_with_their_arguments(dataset, checkpoints, tmp_path, optimizer, lr,
+                                                                      written):
     result = train(dataset, load_checkpoint(checkpoints[SD1]), settings(optimizer=optimizer, unet_lr=lr, text_encoder_lr=lr,
                                                                         epochs=1), tmp_path / "lora")
     tensors, meta = lora_file.read_lora(result.final)
-    assert meta["ss_optimizer"] == optimizer
+    assert meta["ss_optimizer"] == written  # as sd-scripts writes it: the class's full name and its arguments
     ups = [t for k, t in tensors.items() if k.endswith("lora_up.weight")]
     assert all(torch.isfinite(t).all() for t in ups) and sum(float(t.abs().sum()) for t in ups) > 0
+
+
+def test_a_misspelt_optimizer_argument_is_refused_before_anything_runs(dataset, checkpoints, tmp_path):
+    with pytest.raises(LoraMakerError, match="Prodigy has no argument 'd_coeff': did you mean d_coef"):
+        train(dataset, load_checkpoint(checkpoints[SD1]), settings(optimizer="Prodigy", optimizer_args="d_coeff=2"),
+              tmp_path / "lora")
+    assert not (tmp_path / "lora").exists() and not has_state(dataset)
 
 
 def test_trained_sd1_file_loads_in_diffusers_like_the_merged_model(dataset, checkpoints, tmp_path):
@@ -531,3 +545,24 @@ def test_settings_that_cannot_train_this_model_are_refused(dataset, checkpoints,
     half = load_checkpoint(checkpoints[SD1], dtype=torch.float16)
     with pytest.raises(LoraMakerError, match="full precision"):
         train(dataset, half, settings(mixed_precision="no"), tmp_path / "lora")
+
+
+def test_a_noobai_v_pred_key_makes_an_sdxl_checkpoint_v_and_prediction_overrides(dataset, tmp_path):
+    """NoobAI V-Pred says what it is with an empty `v_pred` tensor (ComfyUI and Forge read it; the WebUI only
+    reads a yaml): it is trained (and zero-terminal-SNR'd) as v; `prediction` decides by hand."""
+    import safetensors.torch
+
+    from lora_trainer_ext.hosts.checkpoint import marks_v_prediction
+
+    path = make_checkpoint(tmp_path / "m", SDXL)  # its yaml says eps, as the WebUI's default SDXL config does
+    assert load_checkpoint(path).parameterization == "eps" and not marks_v_prediction(path)
+    state = safetensors.torch.load_file(path)
+    safetensors.torch.save_file({**state, "v_pred": torch.tensor([])}, path)
+    assert marks_v_prediction(path) and not marks_v_prediction(tmp_path / "gone.safetensors")
+    host = load_checkpoint(path)
+    assert host.parameterization == "v"
+
+    meta = lora_file.read_lora(train(dataset, host, settings(epochs=1), tmp_path / "v").final)[1]
+    assert (meta["modelspec.prediction_type"], meta["ss_zero_terminal_snr"]) == ("v", "True")
+    by_hand = lora_file.read_lora(train(dataset, host, settings(epochs=1, prediction="eps"), tmp_path / "eps").final)[1]
+    assert (by_hand["modelspec.prediction_type"], by_hand["ss_zero_terminal_snr"]) == ("epsilon", "False")

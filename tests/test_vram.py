@@ -59,7 +59,8 @@ def test_text_encoder_sizes_and_their_lora():
         assert vram.TEXT_PARAMS[SD2] == count(open_h) + 1024 * 1024 + 1  # OpenCLIP keeps its projection, logit scale
         assert vram.TEXT_PARAMS[SDXL] == count(clip_l) + count(big_g)
         config = NetworkConfig("lora", dim=16, alpha=8)
-        for kind, models in ((SD1, [clip_l]), (SD2, [open_h]), (SDXL, [clip_l, big_g])):
+        trained_h = text_model(1024, 23, hidden_act="gelu")  # SD2's last layer is not trained (penultimate output)
+        for kind, models in ((SD1, [clip_l]), (SD2, [trained_h]), (SDXL, [clip_l, big_g])):
             unet, text = vram.lora_parameters(kind, TrainSettings(dim=16, text_encoder_lr=1e-4))
             assert text == sum(lora_count(model, TEXT_ENCODER_TARGETS, config, conv=False) for model in models)
 

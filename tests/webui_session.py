@@ -277,7 +277,30 @@ def main(repo: str, out_dir: str, checkpoint: str, *flags: str) -> dict:
     info = shared.sd_model.sd_checkpoint_info
     found["model_hashes"] = [found["meta_lora"].get("ss_sd_model_hash"), found["meta_lora"].get("ss_new_sd_model_hash"),
                              info.hash, info.sha256, hashlib.sha256(open(info.filename, "rb").read()).hexdigest()]
+    if host.kind == "sd1":  # pytorch-optimizer under the WebUI's torch, numpy and transformers
+        result = train(project, WebuiHost(), settings.replace(optimizer="CAME", max_steps=2), lora_dir, name="lm-came")
+        found["came"] = [result.steps, lora_file.read_lora(result.final)[1]["ss_optimizer"]]
+    if host.kind == "sdxl":
+        found["v_pred"] = noobai_v_pred(info.filename, out_dir)
     return found
+
+
+def noobai_v_pred(checkpoint: str, out_dir: str) -> dict:
+    """A copy of the checkpoint marked v-prediction the NoobAI way (a `v_pred` key, no yaml), loaded: what the
+    WebUI samples it as, what LoRA Maker trains it as, and what the plan says."""
+    import torch
+    from modules import sd_models, shared
+    from safetensors.torch import load_file, save_file
+
+    from lora_trainer_ext.webui.host import WebuiHost
+    from lora_trainer_ext.webui.studio import _model_notes
+
+    state = load_file(checkpoint)
+    state["v_pred"] = torch.tensor([])
+    marked = os.path.join(out_dir, "noobai-like-vpred.safetensors")
+    save_file(state, marked)
+    sd_models.reload_model_weights(info=sd_models.CheckpointInfo(marked))
+    return {"webui": shared.sd_model.parameterization, "host": WebuiHost().parameterization, "notes": _model_notes()}
 
 
 if __name__ == "__main__":

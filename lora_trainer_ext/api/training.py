@@ -19,6 +19,7 @@ def plan_answer(plan) -> dict:
     return {"line": steps.render(), "images": steps.images, "steps_per_epoch": steps.steps_per_epoch,
             "epochs": steps.epochs, "total_steps": steps.total_steps, "warmup_steps": steps.warmup_steps,
             "buckets": plan.buckets, "warnings": plan.warnings, "family_defaults": plan.family_defaults,
+            "optimizer": plan.optimizer,
             "vram": {"model": plan.kind, "estimate_gib": round(plan.estimate.total_gib, 2),
                      "summary": plan.estimate.summary(), "verdict": plan.verdict, "notes": plan.memory_notes,
                      "fit": {"changes": fix[1], "settings": fix[0].to_dict()} if fix else None}}

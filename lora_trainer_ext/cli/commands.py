@@ -133,7 +133,7 @@ def cmd_plan(args, studio) -> None:
     plan = studio.training_plan(args.project, _settings(args, studio))
     if plan.steps is None:
         raise LoraMakerError(plan.problem)
-    say(plan.steps.render(), *plan.warnings, *filter(None, [plan.family_defaults]),
+    say(plan.steps.render(), plan.optimizer, *plan.warnings, *filter(None, [plan.family_defaults]),
         f"VRAM: {plan.estimate.summary()}" + ("" if plan.kind else " (no model given: estimated for SD1)"),
         *([plan.verdict] if plan.verdict else []), *plan.memory_notes)
 

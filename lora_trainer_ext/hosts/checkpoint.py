@@ -108,6 +108,22 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
 
 
+# NoobAI V-Pred's checkpoints carry an empty `v_pred` tensor (and `ztsnr`) saying what a yaml would: ComfyUI
+# and Forge read it; WebUI 1.10.1 does not (without a yaml it samples them as eps).
+V_PRED_MARKER = "v_pred"
+
+
+def marks_v_prediction(path) -> bool:
+    """Whether a .safetensors checkpoint carries the v-prediction marker key (reads only its header)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return V_PRED_MARKER in f.keys()
+    except Exception:  # a .ckpt, or a file that is gone: no marker to read
+        return False
+
+
 def detect_kind(keys, name: str = "checkpoint") -> str:
     """SD1, SD2 or SDXL from the state dict's keys, as the WebUI's sd_models_config guesses it."""
     keys = set(keys)

@@ -17,6 +17,7 @@ from ..errors import LoraMakerError
 from .checkpoint import (
     KIND_NAMES,
     UNET,
+    V_PRED_MARKER,
     VAE,
     config_kind,
     detect_kind,
@@ -204,6 +205,8 @@ def load_checkpoint(path, config=None, device="cpu", dtype=torch.float32, *, cli
                  for k, v in substate(state, VAE).items() if not k.startswith("loss.")}
     load_weights(vae, vae_state, "VAE", name)
     encoders = [build_text_encoder(state, s, name, tokenizer.bos, tokenizer.eos) for s in spec.text]
+    # the marker wins over an eps config: the WebUI's default SDXL yaml says eps for every SDXL model
+    parameterization = "v" if V_PRED_MARKER in state else spec.parameterization
     del state
 
     swap_classes(unet, "norm")
@@ -214,12 +217,12 @@ def load_checkpoint(path, config=None, device="cpu", dtype=torch.float32, *, cli
         module.to(device=device, dtype=module_dtype).eval().requires_grad_(False)
     unet.dtype = dtype  # ldm's UNet casts its input to this
     readers = [ClipReader(te, s.layer, s.final_norm, s.pad, s.pooled) for te, s in zip(encoders, spec.text)]
-    host = StandaloneHost(kind=kind, parameterization=spec.parameterization or "eps", path=path, unet=unet,
+    host = StandaloneHost(kind=kind, parameterization=parameterization or "eps", path=path, unet=unet,
                           vae=vae, text_encoders=encoders, readers=readers, tokenizer=tokenizer,
                           alphas_cumprod=make_alphas_cumprod(spec.schedule), scale_factor=spec.scale_factor,
                           size_embed_dim=spec.size_embed_dim, device=device, dtype=dtype, clip_skip=clip_skip,
                           config_path=config_path)
-    if spec.parameterization is None and kind == SD2:
+    if parameterization is None and kind == SD2:
         with host._autocast():
             if guess_v_prediction(unet, len(host.alphas_cumprod) - 1):
                 host.parameterization = "v"

@@ -21,12 +21,14 @@ from ..errors import LoraMakerError
 from ..hosts.host import SD1
 from ..training import presets
 from ..training.network import require_lycoris
+from ..training.optimizers import OPTIMIZERS
 from ..training.settings import TrainSettings
 from .context import TabContext, shows_errors, unavailable
 from .train_form import GROUPS, KEYS, component, form_values, settings_from
 from .train_summary import error_html, plan_html, vram_html
 
 TIERS = {f"{gb} GB": gb for gb in presets.VRAM_TIERS}
+BY_TIER = "by GPU memory"  # the preset's own choice: AdamW, or AdamW8bit on small cards
 _PER_ROW = 4  # inputs per row inside a "More" accordion
 # Stamps each live update "<page id>:<counter>" in the browser before it is sent.
 _STAMP_JS = """(stamp, ...values) => {
@@ -99,6 +101,9 @@ def _preset_layout(ui, studio) -> None:
                                  elem_id="lora_maker_train_purpose", scale=2)
         ui.tier = gr.Dropdown(list(TIERS), value=tier_default, label="GPU memory", elem_id="lora_maker_train_tier",
                               scale=1)
+        ui.preset_optimizer = gr.Dropdown([BY_TIER, *OPTIMIZERS], value=BY_TIER, scale=1,
+                                          label="Optimizer (with its recommended values)",
+                                          elem_id="lora_maker_train_preset_optimizer")
         ui.apply = gr.Button("Apply preset", elem_id="lora_maker_train_apply_preset", scale=0, min_width=140)
     ui.preset_note = gr.HTML(elem_id="lora_maker_train_preset_note")
 
@@ -233,13 +238,14 @@ def _wire_buttons(ctx: TabContext, ui, form: _Form) -> None:
         return [*form.shown(name, studio.default_training_settings()), _notes(["Defaults restored (not saved yet)"])]
 
     @shows_errors
-    def apply_preset(name, purpose_value, tier_value, *values):
+    def apply_preset(name, purpose_value, tier_value, optimizer, *values):
         if not purpose_value or not tier_value:
             raise LoraMakerError("pick what the LoRA learns and your GPU's memory, then Apply preset")
         kind = studio.model_kind()
         images = len(ctx.open(name).images()) if name else 0
         applied = presets.apply_preset_with_notes(settings_from(values), purpose_value, TIERS[tier_value],
-                                                  kind or SD1, images or None)
+                                                  kind or SD1, images or None,
+                                                  None if optimizer in (None, BY_TIER) else optimizer)
         notes = list(applied.notes)
         if not kind:
             notes.append("No model loaded: the preset is made for an SD1 model")
@@ -286,7 +292,7 @@ def _wire_buttons(ctx: TabContext, ui, form: _Form) -> None:
         return run(name, values, with_grid, restart=True)
 
     # These set every input: a spinner on each would cover the whole form for a moment.
-    ui.apply.click(apply_preset, [ctx.project, ui.purpose, ui.tier, *ui.fields], [*form.outputs, ui.preset_note],
+    ui.apply.click(apply_preset, [ctx.project, ui.purpose, ui.tier, ui.preset_optimizer, *ui.fields], [*form.outputs, ui.preset_note],
                    queue=False, show_progress="minimal")
     ui.load.click(load_saved, ctx.project, [*form.outputs, ui.message], queue=False, show_progress="minimal")
     ui.reset.click(reset_form, ctx.project, [*form.outputs, ui.message], queue=False, show_progress="minimal")

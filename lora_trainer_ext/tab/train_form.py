@@ -14,7 +14,8 @@ from ..training.settings import CHOICES, FIELDS, TrainSettings
 # Settings that are True, False or None ("by model"): a three-way choice in the form.
 AUTO_ON_OFF = {"auto": None, "on": True, "off": False}
 THREE_WAY = ("gradient_checkpointing", "zero_terminal_snr", "scale_v_pred_loss")
-TEXT = ("network_weights",)  # free text (a path): a textbox
+TEXT = ("network_weights", "optimizer_args")  # free text: a textbox
+AUTO_CHOICES = ("prediction",)  # choices that may be None: "auto" in the form
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,9 @@ GROUPS = (
         Input("optimizer", "Optimizer"),
         Input("lr_scheduler", "Scheduler"),
     ), (
-        Input("lr_cycles", "Cycles", "cosine_with_restarts cycles"),
+        Input("optimizer_args", "Optimizer arguments", "key=value ...; empty: the notebooks' recommended ones",
+              optional=True),
+        Input("lr_cycles", "Cycles", "restarts of cosine_with_restarts and rex"),
         Input("lr_power", "Polynomial power", "the polynomial schedule's; 1 is linear", step=0.1),
         Input("warmup_ratio", "Warmup ratio", step=0.01),
         Input("min_snr_gamma", "Min-SNR gamma", "0: off", step=0.5),
@@ -59,6 +62,7 @@ GROUPS = (
         Input("multires_noise_iterations", "Multires noise", "layers of coarser noise; 0: off (SDXL: 6)"),
         Input("multires_noise_discount", "Multires discount", step=0.05),
         Input("ip_noise_gamma", "Input perturbation", "0.05-0.1; 0: off", step=0.01),
+        Input("prediction", "Prediction", "auto: the model's (its yaml, or NoobAI V-Pred's v_pred key)"),
         Input("zero_terminal_snr", "Zero terminal SNR", "auto: on for SDXL v-prediction (NoobAI V-Pred)"),
         Input("scale_v_pred_loss", "Scale v-pred loss", "like noise prediction; auto: as zero terminal SNR"),
         Input("max_grad_norm", "Max gradient norm", "0: no clipping", step=0.1),
@@ -110,8 +114,8 @@ def component(spec: Input):
                   value=form_values(_DEFAULTS)[KEYS.index(spec.key)])
     if spec.key in THREE_WAY:
         return gr.Dropdown(list(AUTO_ON_OFF), **common)
-    if spec.key in CHOICES:
-        return gr.Dropdown(list(CHOICES[spec.key]), **common)
+    if spec.key in CHOICES:  # a choice that may be unset offers "auto"
+        return gr.Dropdown(["auto"] * (spec.key in AUTO_CHOICES) + list(CHOICES[spec.key]), **common)
     if isinstance(getattr(_DEFAULTS, spec.key), bool):
         return gr.Checkbox(**{**common, "info": None}, elem_classes="lora-maker-train-check")
     if spec.key in TEXT:
@@ -124,6 +128,8 @@ def form_values(settings: TrainSettings) -> list:
     values = settings.to_dict()
     for key in THREE_WAY:
         values[key] = next(k for k, v in AUTO_ON_OFF.items() if v == values[key])
+    for key in AUTO_CHOICES:
+        values[key] = values[key] or "auto"
     return [values[key] for key in KEYS]
 
 

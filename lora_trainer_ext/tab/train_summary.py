@@ -24,6 +24,7 @@ def plan_html(plan: TrainingPlan | None) -> str:
     every = plan.settings.save_every_n_epochs
     if every and steps.epochs > 1:
         facts.append(f"a LoRA saved every {every} epochs" if every > 1 else "a LoRA saved each epoch")
+    facts.append(plan.optimizer)
     warnings = "".join(f"<li>{html.escape(w)}</li>" for w in plan.warnings)
     family = (f'<div class="lora-maker-note lora-maker-train-family">{html.escape(plan.family_defaults)}</div>'
               if plan.family_defaults else "")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LoraMakerError
-from ..hosts.host import Host
+from ..hosts.host import SD2, Host
 from .open_clip_lora import OpenClipLoras, is_open_clip
 
 ALGOS = ("lora", "locon")
@@ -82,17 +82,23 @@ def _quiet():
         logger.setLevel(level)
 
 
+def _layer(path: str) -> int:
+    """The encoder layer of an HF CLIP path ("text_model.encoder.layers.11.mlp.fc1" -> 11)."""
+    return int(path.split(".layers.")[1].split(".")[0])
+
+
 class _Part:
     """One network over one root module (the UNet, or one text encoder): lycoris' for ldm/sgm and HF
     CLIP modules, `open_clip_lora`'s (with lycoris' interface) for an OpenCLIP text tower."""
 
-    def __init__(self, prefix: str, root: torch.nn.Module, targets: list[str], config: NetworkConfig, conv: bool):
+    def __init__(self, prefix: str, root: torch.nn.Module, targets: list[str], config: NetworkConfig, conv: bool,
+                 unused_last_blocks: int = 0):
         self.prefix = prefix
         self.root = root
         self._saved_attributes: list[tuple[torch.nn.Module, dict]] = []
         self.attached = False
         if is_open_clip(root):
-            self.lycoris = OpenClipLoras(prefix, root, config.dim, config.alpha)
+            self.lycoris = OpenClipLoras(prefix, root, config.dim, config.alpha, unused_last_blocks)
             self.paths = self.lycoris.paths
             return
         with _lycoris_preset(target_module=targets, target_name=[], lora_prefix=prefix, enable_conv=conv) as cls, _quiet():
@@ -109,9 +115,13 @@ class _Part:
             )
         if not self.lycoris.loras:
             raise LoraMakerError(f"no layers to train in {type(root).__name__} ({prefix}): is this a Stable Diffusion model?")
+        self.paths = self._module_paths()
+        if unused_last_blocks:  # an HF CLIP text model: leave out its last encoder layers
+            kept = root.config.num_hidden_layers - unused_last_blocks
+            self.lycoris.loras = [lora for lora in self.lycoris.loras if _layer(self.paths[lora.lora_name]) < kept]
+            self.paths = {lora.lora_name: self.paths[lora.lora_name] for lora in self.lycoris.loras}
         for lora in self.lycoris.loras:  # lycoris registers them only when attaching; we need them before
             self.lycoris.add_module(lora.lora_name, lora)
-        self.paths = self._module_paths()
 
     def _module_paths(self) -> dict[str, str]:
         """lora name -> dotted path of the wrapped layer inside the root (for renaming on save)."""
@@ -153,9 +163,14 @@ class Network:
             if not host.text_encoders:
                 raise LoraMakerError("this model offers no trainable text encoder: set text_encoder_lr=0")
             many = len(host.text_encoders) > 1
+            # SD2 conditions on OpenCLIP's penultimate layer: the last never gets a gradient, and kohya's SD2 text
+            # encoder has no such layer (23 of 24), where its keys would be unexpected. SDXL's second encoder
+            # needs it for the pooled output.
+            unused = 1 if host.kind == SD2 else 0
             for i, encoder in enumerate(host.text_encoders, 1):
                 prefix = f"lora_te{i}" if many else "lora_te"
-                self.parts.append(_Part(prefix, encoder, TEXT_ENCODER_TARGETS, config, conv=False))
+                self.parts.append(_Part(prefix, encoder, TEXT_ENCODER_TARGETS, config, conv=False,
+                                        unused_last_blocks=unused))
         device = host.device
         for part in self.parts:
             part.lycoris.to(device=device, dtype=torch.float32)  # trained in fp32, under autocast

@@ -69,12 +69,13 @@ class OpenClipLoras(torch.nn.Module):
     """The LoRA modules of one OpenCLIP text tower (lycoris' network interface: `loras`, `apply_to`,
     `restore`), for `network._Part`'s place."""
 
-    def __init__(self, prefix: str, tower: torch.nn.Module, rank: int, alpha: float):
+    def __init__(self, prefix: str, tower: torch.nn.Module, rank: int, alpha: float, unused_last_blocks: int = 0):
         super().__init__()
         self.loras: list[LoraPair] = []
         self.paths: dict[str, str] = {}
         self._weights: list[tuple[torch.nn.Module, str, list[LoraPair]]] = []
-        for i, block in enumerate(tower.transformer.resblocks):
+        blocks = list(tower.transformer.resblocks)
+        for i, block in enumerate(blocks[: len(blocks) - unused_last_blocks]):
             by_weight: dict[str, list[LoraPair]] = {}
             for weight_path, sharing, hf_layer in _TARGETS:
                 weight = block.get_parameter(weight_path)

@@ -16,6 +16,7 @@ from ..hosts.host import SD1
 from ..project import Project
 from . import vram
 from .buckets import BucketPlan
+from .optimizers import recommended_args
 from .schedules import WARMUP_SCHEDULERS, warmup_steps
 from .settings import TrainSettings, family_note
 
@@ -142,6 +143,14 @@ class TrainingPlan:
         return family_note(self.kind)
 
     @property
+    def optimizer(self) -> str:
+        """The optimizer with the arguments it will get, and whether they are the recommended ones."""
+        s = self.settings
+        args = recommended_args(s.optimizer, self.kind or SD1) if s.optimizer_args is None else s.optimizer_args
+        return (f"optimizer {s.optimizer}" + (f" ({args})" if args else "")
+                + (": the notebooks' recommended arguments" if s.optimizer_args is None else ""))
+
+    @property
     def warnings(self) -> list[str]:
         return [*(self.steps.warnings if self.steps else []), *self.advice]
 
@@ -178,11 +187,11 @@ class TrainingPlan:
 
 
 def training_plan(project: Project | None, settings: TrainSettings, kind: str | None,
-                  gpu: tuple[float, float] | None = None) -> TrainingPlan:
+                  gpu: tuple[float, float] | None = None, model_notes: list[str] = ()) -> TrainingPlan:
     """The plan of training `project` (None: none picked yet, no steps) with `settings` on a model of
     `kind` (checked: LoraMakerError for impossible settings). Steps are counted per bucket from the
     images' headers, as the trainer assigns them."""
-    advice = settings.validate(kind)
+    advice = [*settings.validate(kind), *model_notes]
     if settings.network_weights:
         advice.append(f"continues from {Path(settings.network_weights).name}: its weights are the start, and the "
                       "epochs count from 1 again")

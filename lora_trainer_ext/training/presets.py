@@ -9,6 +9,10 @@ styles, at a lower rate and UNet only; a smaller LoRA for concepts; on SDXL the 
 The tier sets the memory knobs: the largest batch (and no gradient checkpointing where possible)
 whose `vram.estimate` stays under 90% of the card, AdamW8bit on small cards when bitsandbytes is
 installed, 768 px for SDXL on 8 GB. Presets are named "character, 12 GB" (a WebUI setting's value).
+
+An optimizer picked with the preset comes with the notebooks' "recommended values": its arguments, and
+for Prodigy and D-Adaptation learning rates about 1 with alpha = dim (SD1.5's trainer also a constant
+schedule with warmup); Lion a third of AdamW's rates. All of it lands in the form, to read and edit.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from dataclasses import dataclass, field
 from ..errors import LoraMakerError
 from ..hosts.host import SD1, SD2, SDXL
 from . import vram
+from .optimizers import ADAPTIVE_LR, LION_LR_FACTOR, OPTIMIZER_TABLE, OPTIMIZERS, optimizer_available, recommended_args
 from .plan import GUIDE_STEPS
-from .settings import TrainSettings, optimizer_available
+from .settings import TrainSettings
 
 PURPOSES = ("character", "style", "concept")
 VRAM_TIERS = (8, 12, 16, 24)
@@ -85,15 +90,19 @@ def tier_for_memory(total_gib: float) -> int:
     return fitting[-1] if fitting else VRAM_TIERS[0]
 
 
-def apply_preset(settings: TrainSettings, purpose: str, vram_gb: int, kind: str, images: int | None = None) -> TrainSettings:
+def apply_preset(settings: TrainSettings, purpose: str, vram_gb: int, kind: str, images: int | None = None,
+                 optimizer: str | None = None) -> TrainSettings:
     """`settings` with the preset's knobs for a model of `kind`; with `images`, repeats and epochs
-    aimed at the purpose's number of steps. Everything the preset does not name is kept."""
-    return apply_preset_with_notes(settings, purpose, vram_gb, kind, images).settings
+    aimed at the purpose's number of steps; with `optimizer`, that one and its recommended values
+    (None: AdamW, or AdamW8bit on small cards). Everything the preset does not name is kept."""
+    return apply_preset_with_notes(settings, purpose, vram_gb, kind, images, optimizer).settings
 
 
 def apply_preset_with_notes(settings: TrainSettings, purpose: str, vram_gb: int, kind: str,
-                            images: int | None = None) -> Applied:
+                            images: int | None = None, optimizer: str | None = None) -> Applied:
     """`apply_preset`, with a line on why for the purpose and for the tier, and any warning."""
+    if optimizer is not None and optimizer not in OPTIMIZERS:
+        raise LoraMakerError(f"unknown optimizer {optimizer!r}: one of {', '.join(OPTIMIZERS)}")
     if purpose not in PURPOSES:
         raise LoraMakerError(f"unknown purpose {purpose!r}: one of {', '.join(PURPOSES)}")
     if vram_gb not in VRAM_TIERS:
@@ -103,21 +112,52 @@ def apply_preset_with_notes(settings: TrainSettings, purpose: str, vram_gb: int,
     xl = kind == SDXL
     learning = {**_PURPOSE[purpose], **(_PURPOSE_SDXL[purpose] if xl else {}), "max_steps": None}
     s = settings.replace(**learning)
-    s, tier_note, warnings = _fit_tier(s, vram_gb, kind)
+    why = _WHY[purpose].format(**s.to_dict()) + (_WHY_SDXL if xl else "")
+    notes = []
+    if optimizer:
+        s = s.replace(**recommended_values(s, optimizer, kind))
+        notes.append(_optimizer_note(s, optimizer))
+    s, tier_note, warnings = _fit_tier(s, vram_gb, kind, keep_optimizer=bool(optimizer))
     if images:
         s = s.replace(**_repeats_and_epochs(images, s, _TARGET_STEPS[purpose][xl]))
-    why = _WHY[purpose].format(**s.to_dict()) + (_WHY_SDXL if xl else "")
-    return Applied(s, [why, tier_note, *warnings])
+    return Applied(s, [why, *notes, tier_note, *warnings])
 
 
-def _fit_tier(s: TrainSettings, vram_gb: int, kind: str) -> tuple[TrainSettings, str, list[str]]:
+def recommended_values(s: TrainSettings, optimizer: str, kind: str) -> dict:
+    """The settings the notebooks' "recommended values" give `optimizer` on a model of `kind`, from the
+    learning rates and ranks of `s`: its arguments; Prodigy and D-Adaptation rates about 1 (a text encoder
+    that is not trained stays so) with alpha = dim; Lion a third of the rates."""
+    values = dict(optimizer=optimizer, optimizer_args=recommended_args(optimizer, kind))
+    if OPTIMIZER_TABLE[optimizer].adaptive:
+        lr = ADAPTIVE_LR[kind if kind == SDXL else None]
+        values.update(unet_lr=lr if s.unet_lr > 0 else 0.0, text_encoder_lr=lr if s.text_encoder_lr > 0 else 0.0,
+                      alpha=float(s.dim), conv_alpha=float(s.conv_dim))
+        if kind != SDXL:  # the SD1.5 trainer's override; the XL trainer keeps the chosen schedule
+            values["lr_scheduler"] = "constant_with_warmup"
+    elif optimizer == "Lion":
+        values.update(unet_lr=s.unet_lr * LION_LR_FACTOR, text_encoder_lr=s.text_encoder_lr * LION_LR_FACTOR)
+    return values
+
+
+def _optimizer_note(s: TrainSettings, optimizer: str) -> str:
+    note = f"{optimizer} with the notebooks' recommended values: {s.optimizer_args}"
+    if OPTIMIZER_TABLE[optimizer].adaptive:
+        note += (f"; it finds its own step size, so learning rates {s.unet_lr:g} / {s.text_encoder_lr:g} scale it, "
+                 f"and alpha = dim ({s.alpha:g})")
+    elif optimizer == "Lion":
+        note += f"; Lion steps by a sign, so a third of AdamW's rates: {s.unet_lr:.2g} / {s.text_encoder_lr:.2g}"
+    if not optimizer_available(optimizer):
+        note += f" (pip install {OPTIMIZER_TABLE[optimizer].package} first)"
+    return note
+
+
+def _fit_tier(s: TrainSettings, vram_gb: int, kind: str, keep_optimizer: bool) -> tuple[TrainSettings, str, list[str]]:
     xl = kind == SDXL
     small = vram_gb in _SMALL_CARD[xl]
-    eight_bit = small and optimizer_available("AdamW8bit")
-    memory = dict(
-        optimizer="AdamW8bit" if eight_bit else "AdamW",
-        mixed_precision="fp16" if s.mixed_precision == "no" else s.mixed_precision,
-    )
+    memory = dict(mixed_precision="fp16" if s.mixed_precision == "no" else s.mixed_precision)
+    if not keep_optimizer:
+        eight_bit = small and optimizer_available("AdamW8bit")
+        memory.update(optimizer="AdamW8bit" if eight_bit else "AdamW", optimizer_args=None)
     if xl:  # 1024 px, or 768 where nothing else could fit; buckets follow the resolution
         memory.update(resolution=768 if vram_gb == 8 else None, max_bucket=None, min_bucket=256)
     s = s.replace(**memory)
@@ -130,9 +170,9 @@ def _fit_tier(s: TrainSettings, vram_gb: int, kind: str) -> tuple[TrainSettings,
         if need <= budget:
             break
     tips = ["batch " + str(batch), "gradient checkpointing " + ("on (about 20% slower)" if checkpointing else "off")]
-    if memory["optimizer"] == "AdamW8bit":
+    if memory.get("optimizer") == "AdamW8bit":
         tips.append("AdamW8bit (8-bit optimizer states)")
-    elif small:
+    elif memory.get("optimizer") and small:
         tips.append("AdamW (pip install bitsandbytes for the leaner AdamW8bit)")
     if xl and vram_gb == 8:
         tips.append("768 px")

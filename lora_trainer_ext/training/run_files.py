@@ -16,7 +16,7 @@ from ..dataset.curate import activation_tags
 from ..errors import LoraMakerError
 from . import lora_file
 from .data import dataset_dirs, metadata_tag_frequency
-from .optimizers import precision_used
+from .optimizers import describe, precision_used
 from .state import changed_settings, read_state, write_state
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -52,7 +52,7 @@ class RunFiles:
             "num_train_images": len(self.data.items) * s.repeats, "batch_size_per_device": s.batch_size,
             "total_batch_size": s.batch_size * s.gradient_accumulation_steps,
             "gradient_accumulation_steps": s.gradient_accumulation_steps, "learning_rate": s.unet_lr, "unet_lr": s.unet_lr,
-            "text_encoder_lr": s.text_encoder_lr if self.train_te else 0.0, "optimizer": s.optimizer,
+            "text_encoder_lr": s.text_encoder_lr if self.train_te else 0.0, "optimizer": describe(s.optimizer, self.optimizer_args),
             "lr_scheduler": s.lr_scheduler, "lr_warmup_steps": self.plan.warmup_steps, "max_grad_norm": s.max_grad_norm,
             "mixed_precision": precision_used(self.host, s.mixed_precision), "gradient_checkpointing": s.gradient_checkpointing,
             "cache_latents": True, "clip_skip": getattr(self.host, "clip_skip", None) if self.host.kind != "sdxl" else None, "min_snr_gamma": s.min_snr_gamma or None,
@@ -73,7 +73,7 @@ class RunFiles:
         s = self.settings
         info = lora_file.NetworkInfo(s.dim, s.alpha, s.conv_dim if s.network == "locon" else None,
                                      s.conv_alpha if s.network == "locon" else None)
-        metadata = lora_file.lora_metadata(self.host.kind, self.host.parameterization, info, self._run_facts(epoch, step))
+        metadata = lora_file.lora_metadata(self.host.kind, self.parameterization, info, self._run_facts(epoch, step))
         tensors = lora_file.to_output_names(self.network.lora_state_dict(), self.host.kind, self.network.module_paths())
         lora_file.save_lora(path, tensors, metadata, SAVE_DTYPES[s.save_precision])
         lora_file.write_card(path, ", ".join(activation_tags(self.project)), 0, self.host.kind)
@@ -105,7 +105,7 @@ class RunFiles:
         if state.get("kind") != self.host.kind:
             raise LoraMakerError(f"the stopped run trained a {state.get('kind')} model, this one is {self.host.kind}: "
                                  "load that model to resume, or start a new run")
-        changed = changed_settings(state["settings"], self.settings)
+        changed = changed_settings(state["settings"], self.settings, self.host.kind, self.project)
         if changed:
             raise LoraMakerError(f"the stopped run used other settings ({', '.join(changed)}): resume with its "
                                  "settings, or start a new run")

@@ -1,6 +1,8 @@
-"""Learning-rate schedules: the guide's four and the XL trainer's linear and polynomial, as multipliers of
-the base learning rate per optimizer step, with the same shapes as diffusers' schedulers (which sd-scripts uses), so a LoRA
-trained here follows the curve users know from the notebooks.
+"""Learning-rate schedules: the guide's four and the XL trainer's linear, polynomial and rex, as multipliers
+of the base learning rate per optimizer step, with the same shapes as diffusers' schedulers (which sd-scripts
+uses) and, for rex, as the XL trainer's RexAnnealingWarmRestarts, so a LoRA trained here follows the curve users
+know from the notebooks. (pytorch-optimizer's REXScheduler sets one rate for every parameter group, which
+would erase the UNet / text-encoder split, and has no restarts: the rational curve is written here instead.)
 
 The multiplier is a small picklable object rather than a closure, so `LambdaLR.state_dict()` holds
 everything needed to resume.
@@ -17,9 +19,13 @@ from ..errors import LoraMakerError
 if TYPE_CHECKING:  # the settings form reads SCHEDULERS without loading torch
     import torch
 
-SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
+SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial", "rex")
 # Schedulers that ramp up first; plain "constant" ignores warmup, as in diffusers and the notebooks.
-WARMUP_SCHEDULERS = ("constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
+WARMUP_SCHEDULERS = ("constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial", "rex")
+# The XL trainer's rex: each of the `cycles` restarts peaks at REX_GAMMA times the last, and decays along
+# (1 - p) / ((1 - d) + d (1 - p)) with d = REX_D (its min_lr, 1e-9, is taken as 0).
+REX_GAMMA = 0.9
+REX_D = 0.9
 
 
 def warmup_steps(total_steps: int, ratio: float) -> int:
@@ -38,6 +44,8 @@ class LrMultiplier:
     power: float = 1.0  # polynomial's
 
     def __call__(self, step: int) -> float:
+        if self.name == "rex":
+            return self._rex(step)
         warmup = self.warmup_steps if self.name in WARMUP_SCHEDULERS else 0
         if step < warmup:  # linear ramp from 0; step 0 trains at lr 0, as in diffusers
             return step / warmup
@@ -52,6 +60,17 @@ class LrMultiplier:
         if progress >= 1.0:
             return 0.0
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((self.cycles * progress) % 1.0))))
+
+    def _rex(self, step: int) -> float:
+        """Restarts every ceil(total / cycles) steps, each with its own warmup (as the XL trainer's)."""
+        length = -(-self.total_steps // self.cycles)
+        cycle, at = divmod(step, length)
+        peak = REX_GAMMA**cycle
+        warmup = min(self.warmup_steps, length - 1)
+        if at < warmup:
+            return peak * at / warmup
+        progress = (at - warmup) / (length - warmup)
+        return peak * (1.0 - progress) / ((1.0 - REX_D) + REX_D * (1.0 - progress))
 
 
 def lr_lambda(name: str, total_steps: int, warmup_steps: int = 0, cycles: int = 1, power: float = 1.0) -> LrMultiplier:

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import math
 import typing
 from dataclasses import dataclass
-from functools import lru_cache
 
 from ..errors import LoraMakerError
 from ..hosts.host import SD1, SD2, SDXL
 from ..project import Project
+from .optimizers import ADAPTIVE_LR, OPTIMIZER_TABLE, OPTIMIZERS, optimizer_available, parse_args, recommended_args
 from .schedules import SCHEDULERS
 
 # Where SDXL-family models (Illustrious, Pony, NoobAI, Animagine) differ from the SD1.5 trainer's defaults
@@ -28,11 +27,11 @@ FAMILY_DEFAULTS = {
 }
 
 NETWORKS = ("lora", "locon")
-OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy")
 PRECISIONS = ("fp16", "bf16", "no")
 LATENT_CACHES = ("ram", "disk")
 TEXT_CACHES = ("no", "ram", "disk")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
+PREDICTIONS = ("eps", "v")
 CHOICES = {
     "save_precision": SAVE_PRECISIONS,
     "lr_scheduler": SCHEDULERS,
@@ -41,9 +40,8 @@ CHOICES = {
     "mixed_precision": PRECISIONS,
     "cache_latents": LATENT_CACHES,
     "cache_text_encoder_outputs": TEXT_CACHES,
+    "prediction": PREDICTIONS,
 }
-# The package each optional optimizer comes from (AdamW is torch's own).
-OPTIMIZER_PACKAGES = {"AdamW8bit": "bitsandbytes", "Prodigy": "prodigyopt"}
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 _NONE = {"", "none", "null", "auto"}
@@ -87,8 +85,10 @@ class TrainSettings:
     ip_noise_gamma: float = 0.0  # input perturbation: extra noise in the noisy latents only (0.05-0.1); 0: off
     zero_terminal_snr: bool | None = None  # rescale the schedule to reach pure noise; None: on for SDXL v-prediction
     scale_v_pred_loss: bool | None = None  # weigh a v-prediction loss like eps's (SNR / (SNR+1)); None: as above
+    prediction: str | None = None  # eps or v; None: the model's (its yaml, or NoobAI V-Pred's v_pred key)
     seed: int = 42  # seed of shuffles, augmentations, noise and the network's initial weights
-    optimizer: str = "AdamW"  # AdamW; AdamW8bit (bitsandbytes) or Prodigy (prodigyopt, lr about 1) when installed
+    optimizer: str = "AdamW"  # AdamW, AdamW8bit (bitsandbytes), Prodigy or DAdaptAdam (lr about 1), Lion, Adafactor, CAME
+    optimizer_args: str | None = None  # "weight_decay=0.1 betas=0.9,0.99"; None: the notebooks' recommended ones
     max_grad_norm: float = 1.0  # gradient norm clipping; 0: off
     # -- network --
     network: str = "lora"  # lora, or locon to also adapt the convolutions (good for styles)
@@ -138,6 +138,7 @@ class TrainSettings:
             resolution=resolution,
             max_bucket=self.max_bucket or (1024 if resolution <= 512 else 2 * resolution),
             keep_tokens=keep_tokens,
+            optimizer_args=recommended_args(self.optimizer, kind) if self.optimizer_args is None else self.optimizer_args,
             gradient_checkpointing=(kind == SDXL) if self.gradient_checkpointing is None else self.gradient_checkpointing,
         )
 
@@ -179,7 +180,8 @@ class TrainSettings:
              f"multires_noise_discount must be above 0 and at most 1 (got {self.multires_noise_discount})")
         for name, allowed in CHOICES.items():
             value = getattr(self, name)
-            need(value in allowed, f"{name} must be one of {', '.join(allowed)} (got {value!r})")
+            need(value in allowed or (value is None and _base_type(name)[1]),
+                 f"{name} must be one of {', '.join(allowed)} (got {value!r})")
 
         # The UNet halves the latents 3 (SD1/2) or 2 (SDXL) times: sides must divide evenly.
         multiples = {"resolution": 32 if kind == SDXL else 64} if kind else {}
@@ -196,8 +198,12 @@ class TrainSettings:
         elif side and high and not low <= side <= high:
             problems.append(f"resolution {side} must lie between min_bucket {low} and max_bucket {high}")
 
+        try:
+            parse_args(self.optimizer_args)
+        except LoraMakerError as e:
+            problems.append(str(e))
         if self.optimizer in OPTIMIZERS and not optimizer_available(self.optimizer):
-            package = OPTIMIZER_PACKAGES[self.optimizer]
+            package = OPTIMIZER_TABLE[self.optimizer].package
             problems.append(
                 f"optimizer {self.optimizer} needs the {package} package: pip install {package} into the WebUI's "
                 "Python, or --set optimizer=AdamW"
@@ -209,26 +215,12 @@ class TrainSettings:
         if self.cache_text_encoder_outputs != "no" and (self.shuffle_tags or self.tag_dropout or self.caption_dropout):
             advice.append("with cached text-encoder outputs every caption is used as written: tags are not shuffled "
                           "and no tag or caption is dropped")
-        if self.optimizer == "Prodigy" and max(self.unet_lr, self.text_encoder_lr) <= 0.1:
-            advice.append("Prodigy finds its own step size: set unet_lr (and text_encoder_lr) to about 1")
+        if self.optimizer in OPTIMIZERS and OPTIMIZER_TABLE[self.optimizer].adaptive and max(self.unet_lr, self.text_encoder_lr) <= 0.1:
+            advice.append(f"{self.optimizer} finds its own step size: set unet_lr (and text_encoder_lr) to about "
+                          f"{ADAPTIVE_LR[kind if kind == SDXL else None]:g}, as the notebooks do")
         if self.text_encoder_lr > self.unet_lr > 0:
             advice.append("text_encoder_lr above unet_lr: the guide uses 1/2 to 1/5 of the UNet's")
         return advice
-
-
-@lru_cache(maxsize=None)
-def optimizer_available(name: str) -> bool:
-    """Whether optimizer `name` can be built here (its package imports)."""
-    if name not in OPTIMIZERS:
-        return False
-    package = OPTIMIZER_PACKAGES.get(name)
-    if package is None:
-        return True
-    try:
-        importlib.import_module(package)
-    except Exception:  # a package that is installed but broken (no CUDA build, ...) is as good as absent
-        return False
-    return True
 
 
 # ---- --set and the settings file ----

@@ -59,11 +59,11 @@ def read_state(project: Project) -> dict:
     return state
 
 
-def changed_settings(saved: dict, current: TrainSettings) -> list[str]:
+def changed_settings(saved: dict, current: TrainSettings, kind: str, project: Project) -> list[str]:
     """The settings that change what is learned and differ between a stopped run (`saved`, migrated;
-    a setting it lacks counts as its default) and `current` (both resolved for the model)."""
+    a setting it lacks counts as its default) and `current` (both resolved for a model of `kind`)."""
     try:
-        before = TrainSettings.from_dict(saved)
+        before = TrainSettings.from_dict(saved).resolved(kind, project)
     except LoraMakerError as e:
         raise LoraMakerError(f"the stopped run's settings cannot be read ({e}): start a new run") from None
     return [f.name for f in fields(TrainSettings)

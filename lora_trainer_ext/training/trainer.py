@@ -30,7 +30,7 @@ from .data import TrainData
 from .latents import cache_latents, cached
 from .model_mode import clip_skip_set, off_the_gpu, prepared_for_training
 from .network import Network, NetworkConfig
-from .optimizers import autocast_for, make_optimizer
+from .optimizers import autocast_for, check_args, make_optimizer, parse_args
 from .run_files import RunFiles
 from .schedules import make_scheduler
 from .settings import TrainSettings
@@ -55,6 +55,8 @@ class _Trainer(RunFiles):
         settings = settings.resolved(host.kind, project)
         settings.validate(host.kind)
         self.settings = settings
+        self.optimizer_args = parse_args(settings.optimizer_args)
+        check_args(settings.optimizer, self.optimizer_args)  # a typo fails now, not after caching
         self.data = TrainData.from_project(project, settings, host.kind, progress)  # checks the dataset
         self.plan = self.data.step_plan()
         self.total_steps = self.plan.total_steps
@@ -65,7 +67,8 @@ class _Trainer(RunFiles):
         if host.device.type == "cuda" and settings.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
             raise LoraMakerError("this GPU has no bf16: set mixed_precision=fp16")
         # NoobAI V-Pred and its kind were trained to reach pure noise: auto means on for SDXL v-prediction.
-        v_prediction = host.parameterization == "v"
+        self.parameterization = settings.prediction or host.parameterization
+        v_prediction = self.parameterization == "v"
         auto = host.kind == SDXL and v_prediction
         self.zero_terminal_snr = auto if settings.zero_terminal_snr is None else settings.zero_terminal_snr
         self.scale_v_pred_loss = auto if settings.scale_v_pred_loss is None else settings.scale_v_pred_loss
@@ -181,7 +184,8 @@ class _Trainer(RunFiles):
 
     def _loop(self, resume: bool) -> Result:
         s = self.settings
-        self.optimizer = make_optimizer(s.optimizer, self.network.parameter_groups(s.unet_lr, s.text_encoder_lr))
+        self.optimizer = make_optimizer(s.optimizer, self.network.parameter_groups(s.unet_lr, s.text_encoder_lr),
+                                        self.optimizer_args)
         self.scheduler = make_scheduler(self.optimizer, s.lr_scheduler, self.total_steps, self.plan.warmup_steps,
                                         s.lr_cycles, s.lr_power)
         self.autocast, self.scaler = autocast_for(self.host, s.mixed_precision)
@@ -290,8 +294,8 @@ class _Trainer(RunFiles):
             if step == self.first_step:
                 _check_conditioning(cond, plan.captions)
             prediction = host.apply_model(noisy.to(host.dtype), timesteps, cond)
-        wanted = objective.target(latents, noise, timesteps, self.alphas, host.parameterization)
-        weights = (objective.snr_weights(timesteps, self.alphas, s.min_snr_gamma, host.parameterization)
+        wanted = objective.target(latents, noise, timesteps, self.alphas, self.parameterization)
+        weights = (objective.snr_weights(timesteps, self.alphas, s.min_snr_gamma, self.parameterization)
                    if s.min_snr_gamma else None)
         if self.scale_v_pred_loss:
             scale = objective.v_pred_like_eps_weights(timesteps, self.alphas)

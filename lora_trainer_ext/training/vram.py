@@ -5,8 +5,8 @@ What lives on the GPU while LoRA Maker trains on the WebUI's model (trainer.py):
   - the VAE only while the latents are cached, alone (the UNet and text encoders wait off the GPU); it
     then leaves for the whole training, so it counts toward the caching phase's peak, not the training's;
     the same for the text encoders when their outputs are cached;
-  - the LoRA weights and their gradients in fp32, and the optimizer's states (AdamW: two fp32 states
-    per weight; AdamW8bit: two 1-byte states; Prodigy: about four fp32 states);
+  - the LoRA weights and their gradients in fp32, and the optimizer's states (optimizers.py's table:
+    AdamW two fp32 states per weight, AdamW8bit two 1-byte states, Prodigy four fp32 states, ...);
   - activations kept for the backward pass: per image, proportional to the image area, far fewer
     with gradient checkpointing (only UNet block inputs are kept, one block is recomputed at a time);
   - the CUDA context and cuBLAS/cuDNN workspaces, plus the caching allocator's slack.
@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 
 from ..errors import LoraMakerError
 from ..hosts.host import SD1, SD2, SDXL
-from .settings import TrainSettings, optimizer_available
+from .optimizers import OPTIMIZER_TABLE, optimizer_available
+from .settings import TrainSettings
 
 GIB = 2**30
 KIND_NAMES = {SD1: "SD1", SD2: "SD2", SDXL: "SDXL"}
@@ -58,12 +59,9 @@ UNET_LORA_PER_DIM = {
 }
 UNET_LORA_PER_CONV_DIM = {SD1: 544_000, SD2: 544_000, SDXL: 355_840}  # 3x3 convolutions (LoCon)
 # Text-encoder LoRA (CLIP attention q/k/v/out and MLP fc1/fc2, kohya's set, OpenCLIP's as its HF twin):
-# CLIP-L, OpenCLIP-H, and SDXL's CLIP-L + OpenCLIP-bigG.
-TEXT_LORA_PER_DIM = {SD1: 165_888, SD2: 442_368, SDXL: 165_888 + 737_280}
+# CLIP-L, OpenCLIP-H (23 of its 24 layers: SD2 reads the penultimate), and SDXL's CLIP-L + OpenCLIP-bigG.
+TEXT_LORA_PER_DIM = {SD1: 165_888, SD2: 423_936, SDXL: 165_888 + 737_280}
 
-# Bytes per trained weight for the optimizer's states.
-OPTIMIZER_STATE_BYTES = {"AdamW": 8, "AdamW8bit": 2, "Prodigy": 16}
-OPTIMIZER_STATES = {"AdamW": "2 fp32 states", "AdamW8bit": "2 8-bit states", "Prodigy": "about 4 fp32 states"}
 
 # Activations kept for the backward pass, GiB per image at the kind's base side in 16-bit autocast:
 # (without, with gradient checkpointing). Calibrated on the reports in the module docstring.
@@ -119,7 +117,7 @@ def estimate(kind: str, settings: TrainSettings) -> Estimate:
     scale = (s.resolution / BASE_SIDE[kind]) ** 2
     full, checkpointed = ACTIVATIONS_GIB[kind]
     per_image = (checkpointed if s.gradient_checkpointing else full) * scale * (1 if half else 2)
-    state_bytes = OPTIMIZER_STATE_BYTES.get(s.optimizer, OPTIMIZER_STATE_BYTES["AdamW"])
+    optimizer = OPTIMIZER_TABLE.get(s.optimizer, OPTIMIZER_TABLE["AdamW"])
 
     cached_text = s.cache_text_encoder_outputs != "no" and not text
     text_weights = Part("text encoder weights", TEXT_PARAMS[kind] * weight_bytes / GIB,
@@ -132,7 +130,7 @@ def estimate(kind: str, settings: TrainSettings) -> Estimate:
     trained = [
         Part("LoRA weights and gradients", lora * 8 / GIB,
              f"{lora / 1e6:.1f}M in fp32" + (" (UNet and text encoder)" if text else " (UNet only)")),
-        Part("optimizer states", lora * state_bytes / GIB, f"{s.optimizer}: {OPTIMIZER_STATES.get(s.optimizer, '')}"),
+        Part("optimizer states", lora * optimizer.bytes_per_weight(s.dim) / GIB, f"{optimizer.name}: {optimizer.states}"),
         Part("activations", per_image * s.batch_size,
              f"batch {s.batch_size} at {s.resolution} px, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}"),
     ]

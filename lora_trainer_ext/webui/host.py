@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import LoraMakerError
+from ..hosts.checkpoint import marks_v_prediction
 from ..hosts.host import SD1, SD2, SDXL, SizeInfo
 from .medvram import out_of_medvram
 
@@ -61,8 +62,11 @@ class WebuiHost:
         self.sd_model = sd_model if sd_model is not None else shared.sd_model
         self.kind = check_trainable(self.sd_model)
         m = self.sd_model
-        self.parameterization = getattr(m, "parameterization", "eps")
         info = getattr(m, "sd_checkpoint_info", None)
+        # NoobAI V-Pred without a yaml: the WebUI samples it as eps, but it predicts v (model_notes says so)
+        self.parameterization = getattr(m, "parameterization", "eps")
+        if self.parameterization == "eps" and info is not None and marks_v_prediction(info.filename):
+            self.parameterization = "v"
         self.model_name = Path(info.filename).name if info is not None else "unknown"
         # The hashes the WebUI already knows (never a second read of the file): its sha256 only once it
         # computed it (it does on load unless --no-hashing), the old 8-digit one always.

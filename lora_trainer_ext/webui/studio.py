@@ -12,6 +12,7 @@ waits instead of colliding, with their progress in `shared.state`, so the WebUI'
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -60,6 +61,7 @@ def _build() -> Studio:
         render_defaults=webui_render_defaults,
         paste_to_txt2img=_paste_to_txt2img,
         host_problem=host_problem,
+        model_notes=_model_notes,
     )
 
 
@@ -82,6 +84,37 @@ def _open_host(settings=None) -> Iterator:  # the WebUI's model is as the WebUI 
     host = WebuiHost()  # loads the selected checkpoint if none is loaded yet (we hold the queue lock)
     with training_session(host):
         yield host
+
+
+def _model_notes() -> list[str]:
+    """A v-prediction checkpoint (NoobAI V-Pred's `v_pred` key) that the WebUI samples as eps, having no yaml."""
+    from modules import sd_models
+
+    model = sd_models.model_data.sd_model
+    info = getattr(model, "sd_checkpoint_info", None)
+    if info is None or getattr(model, "parameterization", "eps") != "eps" or not _v_marked(info.filename):
+        return []
+    path = Path(info.filename)
+    return [f"{path.name} is a v-prediction model (its v_pred key says so, as NoobAI V-Pred's does), but the WebUI "
+            f"samples it as eps, as no yaml beside it says v: LoRA Maker trains it as v, and its pictures (test grids, "
+            f"txt2img) look wrong until a yaml whose denoiser uses sgm's VScaling is saved beside it as "
+            f"{path.stem}.yaml and the model is reloaded"]
+
+
+def _v_marked(filename: str) -> bool:
+    """`marks_v_prediction`, read once per file version (the plan asks on every change of the form)."""
+    try:
+        stamp = os.stat(filename).st_mtime_ns
+    except OSError:
+        return False
+    return _v_marked_at(filename, stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _v_marked_at(filename: str, stamp: int) -> bool:
+    from ..hosts.checkpoint import marks_v_prediction
+
+    return marks_v_prediction(filename)
 
 
 def _model_kind() -> str | None:
