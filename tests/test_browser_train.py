@@ -41,7 +41,7 @@ def open_train_tab(open_ui, studio):
 
 
 def fill(page, key: str, value) -> None:
-    page.fill(f"#lora_maker_train_{key} input", str(value))
+    page.fill(f"#lora_maker_train_{key} :is(input, textarea)", str(value))
 
 
 def pick(page, key: str, option: str) -> None:
@@ -87,6 +87,24 @@ def test_settings_form_arithmetic_presets_validation_and_saving(open_ui, studio,
     note = page.inner_text("#lora_maker_train_preset_note")
     assert "style: LoCon 16/8 + conv 8/4" in note and "12 GB: batch 2" in note
     ui.shot("preset")
+
+    # An optimizer with the preset: the notebooks' recommended values, in the form to read and edit.
+    pick(page, "preset_optimizer", "Prodigy")
+    page.click("#lora_maker_train_apply_preset")
+    page.wait_for_function("document.querySelector('#lora_maker_train_unet_lr input').value === '0.5'")
+    args = page.input_value("#lora_maker_train_optimizer_args textarea")
+    assert "d_coef=2" in args and "safeguard_warmup=True" in args
+    assert page.input_value("#lora_maker_train_text_encoder_lr input") == "0"  # a style LoRA stays UNet only
+    assert page.input_value("#lora_maker_train_lr_scheduler input") == "constant_with_warmup"
+    assert page.input_value("#lora_maker_train_alpha input") == page.input_value("#lora_maker_train_dim input")
+    assert "Prodigy with the notebooks' recommended values" in page.inner_text("#lora_maker_train_preset_note")
+    page.wait_for_selector(f"{PLAN}:has-text('optimizer Prodigy (weight_decouple=True')")
+    fill(page, "optimizer_args", "d_coef=")  # a textbox: its messages in place too
+    page.click("#lora_maker_train_dim input")
+    page.wait_for_selector(f"{PLAN} [data-invalid]:has-text('optimizer argument d_coef has no value')")
+    fill(page, "optimizer_args", "")
+    page.click("#lora_maker_train_dim input")
+    page.wait_for_selector(f"{PLAN}:has-text(\"the notebooks' recommended arguments\")")
 
     fill(page, "dim", 0)
     page.wait_for_selector(f"{PLAN} [data-invalid]:has-text('dim must be at least 1 (got 0)')")

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 
 FLAGS = ["--skip-prepare-environment", "--skip-install", "--skip-version-check", "--use-cpu", "all", "--no-half",
@@ -286,8 +287,9 @@ def main(repo: str, out_dir: str, checkpoint: str, *flags: str) -> dict:
 
 
 def noobai_v_pred(checkpoint: str, out_dir: str) -> dict:
-    """A copy of the checkpoint marked v-prediction the NoobAI way (a `v_pred` key, no yaml), loaded: what the
-    WebUI samples it as, what LoRA Maker trains it as, and what the plan says."""
+    """A copy of the checkpoint marked v-prediction the NoobAI way (a `v_pred` key; its yaml says eps, as the
+    WebUI's default SDXL one does), loaded: what the WebUI samples it as, what LoRA Maker trains it as, and what
+    the plan says."""
     import torch
     from modules import sd_models, shared
     from safetensors.torch import load_file, save_file
@@ -299,6 +301,7 @@ def noobai_v_pred(checkpoint: str, out_dir: str) -> dict:
     state["v_pred"] = torch.tensor([])
     marked = os.path.join(out_dir, "noobai-like-vpred.safetensors")
     save_file(state, marked)
+    shutil.copy(os.path.splitext(checkpoint)[0] + ".yaml", os.path.splitext(marked)[0] + ".yaml")  # eps, as the default
     sd_models.reload_model_weights(info=sd_models.CheckpointInfo(marked))
     return {"webui": shared.sd_model.parameterization, "host": WebuiHost().parameterization, "notes": _model_notes()}
 

@@ -96,8 +96,8 @@ def _model_notes() -> list[str]:
         return []
     path = Path(info.filename)
     return [f"{path.name} is a v-prediction model (its v_pred key says so, as NoobAI V-Pred's does), but the WebUI "
-            f"samples it as eps, as no yaml beside it says v: LoRA Maker trains it as v, and its pictures (test grids, "
-            f"txt2img) look wrong until a yaml whose denoiser uses sgm's VScaling is saved beside it as "
+            f"samples it as eps (it reads v-prediction from a yaml only): LoRA Maker trains it as v, and its pictures "
+            f"(test grids, txt2img) look wrong until a yaml whose denoiser uses sgm's VScaling is saved beside it as "
             f"{path.stem}.yaml and the model is reloaded"]
 
 
