@@ -8,8 +8,8 @@ import pytest
 from lora_trainer_ext.errors import LoraMakerError
 from lora_trainer_ext.hosts.host import SD1, SD2, SDXL
 from lora_trainer_ext.training import settings as train_settings
-from lora_trainer_ext.training.plan import step_arithmetic
 from lora_trainer_ext.training.optimizers import OPTIMIZER_TABLE, OPTIMIZERS, optimizer_available
+from lora_trainer_ext.training.plan import step_arithmetic
 from lora_trainer_ext.training.settings import TrainSettings, parse_set
 
 

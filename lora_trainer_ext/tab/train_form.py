@@ -51,9 +51,9 @@ GROUPS = (
         Input("text_encoder_lr", "Text encoder learning rate", "0: UNet only", step=1e-5),
         Input("optimizer", "Optimizer"),
         Input("lr_scheduler", "Scheduler"),
-    ), (
         Input("optimizer_args", "Optimizer arguments", "key=value ...; empty: the notebooks' recommended ones",
               optional=True),
+    ), (
         Input("lr_cycles", "Cycles", "restarts of cosine_with_restarts and rex"),
         Input("lr_power", "Polynomial power", "the polynomial schedule's; 1 is linear", step=0.1),
         Input("warmup_ratio", "Warmup ratio", step=0.01),
