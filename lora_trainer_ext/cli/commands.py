@@ -202,8 +202,8 @@ def cmd_bench(args, studio) -> None:
         say(grid_table(rows, device))
         return
     models = args.model or (["sd15", "sdxl"] if gpu else ["small", "tiny-sdxl"])
-    steps = args.steps if args.steps is not None else (20 if gpu else 8)
+    steps = args.steps if args.steps is not None else (10 if gpu else 4)
     rows = train_benchmark(models, args.network or ["lora", "locon"], batch=args.batch, steps=steps,
-                           resolution=args.resolution, device=device,
+                           resolution=args.resolution, device=device, rounds=args.rounds,
                            on_row=lambda row: print("  ".join(train_row(row)), file=sys.stderr, flush=True))
     say(train_table(rows, device))

@@ -121,9 +121,10 @@ class TrainCase:
 @dataclass
 class TrainRow:
     case: TrainCase
-    step_s: float  # median seconds per timed step of train()
-    floor_s: float  # median seconds per timed forward + loss + backward
+    step_s: float  # median seconds per timed step of train(), over every round
+    floor_s: float  # median seconds per timed forward + loss + backward, over every round
     peak_bytes: int | None  # during train()'s timed steps
+    ratios: list[float]  # per round: its train() median over the floor median measured right after it
 
     @property
     def samples_per_s(self) -> float:
@@ -131,7 +132,9 @@ class TrainRow:
 
     @property
     def ratio(self) -> float:
-        return self.step_s / self.floor_s
+        """The median of the rounds' ratios: each compares blocks measured back to back, so a machine that
+        slows down or speeds up between rounds moves both sides of a ratio, not one."""
+        return statistics.median(self.ratios)
 
 
 def _rss_reader():
@@ -304,10 +307,11 @@ def bench_host(folder: Path, model: str, device: torch.device) -> Host:
 
 def train_benchmark(models: list[str], networks: list[str], batch: int = 4, steps: int = 5,
                     resolution: int | None = None, device: str | torch.device = "cpu",
-                    warmup: int = WARMUP_STEPS, on_row=None) -> list[TrainRow]:
-    """A TrainRow per (model, network): train() against the floor, `steps` timed steps each."""
-    if steps < 1 or batch < 1 or warmup < 1:
-        raise LoraMakerError("bench train needs --steps and --batch of at least 1")
+                    warmup: int = WARMUP_STEPS, on_row=None, rounds: int = 3) -> list[TrainRow]:
+    """A TrainRow per (model, network): `rounds` rounds of a train() block then a floor block, `steps` timed
+    steps each, in one process on the same host, inputs and threads."""
+    if steps < 1 or batch < 1 or warmup < 1 or rounds < 1:
+        raise LoraMakerError("bench train needs --steps, --batch and --rounds of at least 1")
     device = torch.device(device)
     memory = PeakMemory(device)
     rows = []
@@ -321,9 +325,17 @@ def train_benchmark(models: list[str], networks: list[str], batch: int = 4, step
             for network, cache in itertools.product(networks, caches):
                 case = TrainCase(model, side, batch, network, cache)
                 settings = bench_settings(case, warmup + steps)
-                ours, peak = training_step_times(host, project, settings, Path(tmp) / "lora", warmup, memory)
-                floor = floor_step_times(host, settings, steps, warmup)
-                row = TrainRow(case, statistics.median(ours), statistics.median(floor), peak)
+                ours, floor, ratios, peaks = [], [], [], []
+                for _ in range(rounds):
+                    block, peak = training_step_times(host, project, settings, Path(tmp) / "lora", warmup, memory)
+                    floor_block = floor_step_times(host, settings, steps, warmup)
+                    ours += block
+                    floor += floor_block
+                    ratios.append(statistics.median(block) / statistics.median(floor_block))
+                    peaks.append(peak)
+                known = [p for p in peaks if p is not None]
+                row = TrainRow(case, statistics.median(ours), statistics.median(floor), max(known) if known else None,
+                               ratios)
                 rows.append(row)
                 if on_row:
                     on_row(row)
@@ -334,7 +346,7 @@ def train_benchmark(models: list[str], networks: list[str], batch: int = 4, step
 
 
 TRAIN_COLUMNS = ("model", "resolution", "batch", "network", "TE cache", "s/step", "samples/s", "peak mem",
-                 "floor s/step", "ratio")
+                 "floor s/step", "ratio", "ratio range")
 
 
 def _size(n: int | None) -> str:
@@ -345,7 +357,8 @@ def train_row(row: TrainRow) -> tuple[str, ...]:
     c = row.case
     return (c.model, f"{c.resolution}px", str(c.batch), c.network, c.text_cache, f"{row.step_s:.3f}",
             f"{row.samples_per_s:.2f}",
-            _size(row.peak_bytes), f"{row.floor_s:.3f}", f"{row.ratio:.3f}")
+            _size(row.peak_bytes), f"{row.floor_s:.3f}", f"{row.ratio:.3f}",
+            f"{min(row.ratios):.3f}-{max(row.ratios):.3f} ({len(row.ratios)} rounds)")
 
 
 def render_table(rows: list[tuple[str, ...]]) -> str:
@@ -367,5 +380,7 @@ def train_table(rows: list[TrainRow], device: str | torch.device = "cpu", warmup
     device = torch.device(device)
     notes = [environment(device), f"peak mem: {PeakMemory(device).description}",
              f"s/step: median of the timed steps of train() (after {warmup} warm-up steps; latent caching "
-             "excluded); floor: median forward + MSE + backward alone; ratio = s/step / floor (target < 1.10)"]
+             "excluded); floor: median forward + MSE + backward alone, measured in a block right after each "
+             "train() block; ratio: the median over the rounds of (train() block median / floor block median), "
+             "its range beside it (target <= 1.05)"]
     return "\n".join([*notes, render_table([TRAIN_COLUMNS, *map(train_row, rows)])])
