@@ -36,8 +36,6 @@ from ..hosts.host import SDXL, Host, SizeInfo
 from ..hosts.standalone import load_checkpoint
 from ..progress import Status
 from ..project import Project
-from ..training.model_mode import prepared_for_training
-from ..training.network import Network, NetworkConfig
 from ..training.optimizers import autocast_for
 from ..training.settings import TrainSettings
 from ..training.trainer import train
@@ -124,7 +122,7 @@ class TrainRow:
     step_s: float  # median seconds per timed step of train(), over every round
     floor_s: float  # median seconds per timed forward + loss + backward, over every round
     peak_bytes: int | None  # during train()'s timed steps
-    ratios: list[float]  # per round: its train() median over the floor median measured right after it
+    ratios: list[float]  # per round (a train() run): its steps' median over its floor steps' median
 
     @property
     def samples_per_s(self) -> float:
@@ -234,67 +232,70 @@ def bench_settings(case: TrainCase, steps: int) -> TrainSettings:
                          cache_text_encoder_outputs=case.text_cache)
 
 
-def training_step_times(host: Host, project: Project, settings: TrainSettings, lora_dir: Path, warmup: int,
-                        memory: PeakMemory) -> tuple[list[float], int | None]:
-    """Seconds of each step of `train()` after `warmup` steps (between consecutive training statuses,
-    so latent caching is left out), and the peak memory over those steps."""
-    stamps: list[float] = []
+def floor_step(host: Host, settings: TrainSettings, seed: int = 0):
+    """A function running one bare forward + MSE + backward of `host`'s UNet, with whatever network is
+    attached, on fixed latents and conditioning of the trainer's shapes (no data, noise, optimizer or
+    logging): the floor a training step is measured against. Its gradients land where the trainer's do,
+    after its optimizer step; the trainer clears them before its next step."""
+    s = settings.resolved(host.kind)
+    side, batch = s.resolution, s.batch_size
+    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    autocast, _ = autocast_for(host, s.mixed_precision)
+    with torch.no_grad():
+        shape = host.encode_images(torch.zeros(1, 3, side, side)).shape[1:]  # the VAE's latent shape
+        sizes = [SizeInfo((side, side), (0, 0), (side, side))] * batch if host.kind == SDXL else None
+        with autocast:
+            cond = host.conditioning([_caption(rng) for _ in range(batch)], sizes)
+    latents = torch.randn((batch, *shape), generator=generator).to(host.device, host.dtype)
+    wanted = torch.randn((batch, *shape), generator=generator).to(host.device)
+    timesteps = torch.randint(0, len(host.alphas_cumprod), (batch,), generator=generator).to(host.device)
+
+    def step() -> float:
+        sync(host.device)
+        start = time.perf_counter()
+        with autocast:
+            prediction = host.apply_model(latents, timesteps, cond)
+        F.mse_loss(prediction.float(), wanted).backward()
+        sync(host.device)
+        return time.perf_counter() - start
+
+    return step
+
+
+def interleaved_step_times(host: Host, project: Project, settings: TrainSettings, lora_dir: Path, warmup: int,
+                           memory: PeakMemory) -> tuple[list[float], list[float], int | None]:
+    """(seconds of each step of `train()` after `warmup` steps, seconds of a floor step run right after each
+    of them, the peak memory over the timed steps). The two alternate step by step inside the run: the same
+    model, network (attached, in training mode), precision, checkpointing and threads, and a machine that
+    drifts moves both. A training step is the time between statuses less the floor step between them, so
+    latent caching is left out."""
+    floor = floor_step(host, settings)
+    ours: list[float] = []
+    floors: list[float] = []
     peak: list[int | None] = [None]
+    done = [0.0]  # when the last status (and its floor step) ended
 
     def on_status(status: Status) -> None:
         if status.phase != "training":
             return
-        stamps.append(time.perf_counter())
+        now = time.perf_counter()
+        if status.step > warmup:
+            ours.append(now - done[0])
         if status.step == warmup:
             memory.start()
         if status.step == status.total_steps:
             peak[0] = memory.stop()
+        elif status.step >= warmup:
+            floors.append(floor())
+        done[0] = time.perf_counter()
 
     try:
         train(project, host, settings, lora_dir, name="bench", on_status=on_status)
     finally:
         if peak[0] is None:  # stopped early: don't leave the RSS sampler running
             memory.stop()
-    return [b - a for a, b in zip(stamps[warmup - 1 :], stamps[warmup:])], peak[0]
-
-
-def floor_step_times(host: Host, settings: TrainSettings, steps: int, warmup: int, seed: int = 0) -> list[float]:
-    """Seconds of each bare forward + MSE + backward (after `warmup`) of `host`'s UNet with `settings`'
-    network attached, under the trainer's precision and checkpointing, on fixed latents and conditioning
-    of the trainer's shapes: no data, noise, optimizer or logging."""
-    s = settings.resolved(host.kind)
-    side, batch = s.resolution, s.batch_size
-    generator = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        shape = host.encode_images(torch.zeros(1, 3, side, side)).shape[1:]  # the VAE's latent shape
-    latents = torch.randn((batch, *shape), generator=generator).to(host.device, host.dtype)
-    wanted = torch.randn((batch, *shape), generator=generator).to(host.device)
-    timesteps = torch.randint(0, len(host.alphas_cumprod), (batch,), generator=generator).to(host.device)
-    sizes = [SizeInfo((side, side), (0, 0), (side, side))] * batch if host.kind == SDXL else None
-    autocast, _ = autocast_for(host, s.mixed_precision)
-    times = []
-    with prepared_for_training(host, bool(s.gradient_checkpointing)):
-        with torch.no_grad(), autocast:
-            cond = host.conditioning([_caption(rng) for _ in range(batch)], sizes)
-        network = Network(host, NetworkConfig(s.network, s.dim, s.alpha, s.conv_dim, s.conv_alpha))
-        network.attach()
-        network.train()
-        params = list(network.parameters())
-        try:
-            for _ in range(warmup + steps):
-                sync(host.device)
-                start = time.perf_counter()
-                with autocast:
-                    prediction = host.apply_model(latents, timesteps, cond)
-                F.mse_loss(prediction.float(), wanted).backward()
-                sync(host.device)
-                times.append(time.perf_counter() - start)
-                for p in params:
-                    p.grad = None
-        finally:
-            network.detach()
-    return times[warmup:]
+    return ours, floors, peak[0]
 
 
 def bench_host(folder: Path, model: str, device: torch.device) -> Host:
@@ -308,8 +309,8 @@ def bench_host(folder: Path, model: str, device: torch.device) -> Host:
 def train_benchmark(models: list[str], networks: list[str], batch: int = 4, steps: int = 5,
                     resolution: int | None = None, device: str | torch.device = "cpu",
                     warmup: int = WARMUP_STEPS, on_row=None, rounds: int = 3) -> list[TrainRow]:
-    """A TrainRow per (model, network): `rounds` rounds of a train() block then a floor block, `steps` timed
-    steps each, in one process on the same host, inputs and threads."""
+    """A TrainRow per (model, network): `rounds` runs of train() with `steps` timed steps, each followed by a
+    floor step, in one process on the same host, inputs and threads."""
     if steps < 1 or batch < 1 or warmup < 1 or rounds < 1:
         raise LoraMakerError("bench train needs --steps, --batch and --rounds of at least 1")
     device = torch.device(device)
@@ -327,8 +328,8 @@ def train_benchmark(models: list[str], networks: list[str], batch: int = 4, step
                 settings = bench_settings(case, warmup + steps)
                 ours, floor, ratios, peaks = [], [], [], []
                 for _ in range(rounds):
-                    block, peak = training_step_times(host, project, settings, Path(tmp) / "lora", warmup, memory)
-                    floor_block = floor_step_times(host, settings, steps, warmup)
+                    block, floor_block, peak = interleaved_step_times(host, project, settings, Path(tmp) / "lora",
+                                                                      warmup, memory)
                     ours += block
                     floor += floor_block
                     ratios.append(statistics.median(block) / statistics.median(floor_block))
@@ -380,7 +381,7 @@ def train_table(rows: list[TrainRow], device: str | torch.device = "cpu", warmup
     device = torch.device(device)
     notes = [environment(device), f"peak mem: {PeakMemory(device).description}",
              f"s/step: median of the timed steps of train() (after {warmup} warm-up steps; latent caching "
-             "excluded); floor: median forward + MSE + backward alone, measured in a block right after each "
-             "train() block; ratio: the median over the rounds of (train() block median / floor block median), "
-             "its range beside it (target <= 1.05)"]
+             "excluded); floor: median forward + MSE + backward alone, one after each timed training step; "
+             "ratio: the median over the rounds (runs of train()) of their train() median / floor median, its range "
+             "beside it (target <= 1.05)"]
     return "\n".join([*notes, render_table([TRAIN_COLUMNS, *map(train_row, rows)])])
