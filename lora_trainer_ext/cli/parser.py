@@ -160,11 +160,11 @@ def _app_commands(commands) -> None:
                        help="train: network, repeatable (default: both)")
     bench.add_argument("--batch", type=int, default=4, metavar="N", help="train: batch size (default: 4)")
     bench.add_argument("--steps", type=int, default=None, metavar="N",
-                       help="train: timed steps per block after 2 warm-up steps (default: 4 on the CPU, 10 on a "
-                            "GPU); grid: sampling steps (default: 20)")
+                       help="train: timed steps per run after 2 warm-up steps, each followed by a floor step "
+                            "(default: 4 on the CPU, 10 on a GPU); grid: sampling steps (default: 20)")
     bench.add_argument("--rounds", type=int, default=3, metavar="N",
-                       help="train: rounds of a train() block then a floor block (default: 3); the ratio is the "
-                            "median of the rounds', with their range")
+                       help="train: runs of train() per row (default: 3); the ratio is the median of the runs', "
+                            "with their range")
     bench.add_argument("--resolution", type=int, default=None, metavar="PX",
                        help="train, grid: image side (default: the model's: tiny 64, small 256, sd15 512, sdxl 1024)")
     bench.add_argument("--device", default=None, help="train, grid: cuda, cpu, ... (default: cuda when available)")

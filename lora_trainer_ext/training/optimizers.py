@@ -153,11 +153,11 @@ def check_args(name: str, args: dict) -> None:
 
 
 def make_optimizer(name: str, groups: list[dict], args: dict | None = None) -> torch.optim.Optimizer:
-    """Optimizer `name` over `groups` (each with its own lr) with `args` (parsed optimizer_args)."""
+    """Optimizer `name` over `groups` (each with its own lr) with `args` (parsed optimizer_args, which the
+    trainer has passed through `check_args` before any work)."""
     import torch
 
     args = dict(args or {})
-    check_args(name, args)
     if name == "AdamW":
         # One fused kernel instead of a loop over hundreds of small tensors: on CUDA, and on the CPU
         # from torch 2.4 (the WebUI's torch 2.1 refuses it there).

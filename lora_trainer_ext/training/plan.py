@@ -16,7 +16,6 @@ from ..hosts.host import SD1
 from ..project import Project
 from . import vram
 from .buckets import BucketPlan
-from .optimizers import recommended_args
 from .schedules import WARMUP_SCHEDULERS, warmup_steps
 from .settings import TrainSettings, family_note
 
@@ -146,7 +145,7 @@ class TrainingPlan:
     def optimizer(self) -> str:
         """The optimizer with the arguments it will get, and whether they are the recommended ones."""
         s = self.settings
-        args = recommended_args(s.optimizer, self.kind or SD1) if s.optimizer_args is None else s.optimizer_args
+        args = s.resolved(self.kind or SD1).optimizer_args  # the recommended ones when unset
         return (f"optimizer {s.optimizer}" + (f" ({args})" if args else "")
                 + (": the notebooks' recommended arguments" if s.optimizer_args is None else ""))
 

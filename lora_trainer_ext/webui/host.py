@@ -10,7 +10,9 @@ checkpoint, and SDXL's size conditioning is built per image, as sd-scripts does.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -52,6 +54,25 @@ def model_kind(sd_model) -> str:
     return SDXL if getattr(sd_model, "is_sdxl", False) else SD2 if getattr(sd_model, "is_sd2", False) else SD1
 
 
+def v_sampled_as_eps(sd_model) -> bool:
+    """Whether the loaded checkpoint marks itself v-prediction (NoobAI V-Pred's `v_pred` key) while the WebUI,
+    which reads v-prediction from a yaml only, samples it as eps."""
+    info = getattr(sd_model, "sd_checkpoint_info", None)
+    if info is None or getattr(sd_model, "parameterization", "eps") != "eps":
+        return False
+    try:
+        stamp = os.stat(info.filename).st_mtime_ns
+    except OSError:
+        return False
+    return _marked_at(info.filename, stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _marked_at(filename: str, stamp: int) -> bool:
+    """`marks_v_prediction`, read once per file version (the plan asks on every change of the form)."""
+    return marks_v_prediction(filename)
+
+
 class WebuiHost:
     """`Host` over `shared.sd_model`. Its text encoders: SD1's HF CLIP, SD2's OpenCLIP, SDXL's HF CLIP and
     OpenCLIP (training/open_clip_lora.py trains OpenCLIP's fused attention under kohya's names)."""
@@ -63,10 +84,8 @@ class WebuiHost:
         self.kind = check_trainable(self.sd_model)
         m = self.sd_model
         info = getattr(m, "sd_checkpoint_info", None)
-        # NoobAI V-Pred without a yaml: the WebUI samples it as eps, but it predicts v (model_notes says so)
-        self.parameterization = getattr(m, "parameterization", "eps")
-        if self.parameterization == "eps" and info is not None and marks_v_prediction(info.filename):
-            self.parameterization = "v"
+        # NoobAI V-Pred without a yaml: the WebUI samples it as eps, but it predicts v (the plan says so)
+        self.parameterization = "v" if v_sampled_as_eps(m) else getattr(m, "parameterization", "eps")
         self.model_name = Path(info.filename).name if info is not None else "unknown"
         # The hashes the WebUI already knows (never a second read of the file): its sha256 only once it
         # computed it (it does on load unless --no-hashing), the old 8-digit one always.

@@ -12,7 +12,6 @@ waits instead of colliding, with their progress in `shared.state`, so the WebUI'
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import threading
 import time
@@ -90,31 +89,16 @@ def _model_notes() -> list[str]:
     """A v-prediction checkpoint (NoobAI V-Pred's `v_pred` key) that the WebUI samples as eps, having no yaml."""
     from modules import sd_models
 
+    from .host import v_sampled_as_eps
+
     model = sd_models.model_data.sd_model
-    info = getattr(model, "sd_checkpoint_info", None)
-    if info is None or getattr(model, "parameterization", "eps") != "eps" or not _v_marked(info.filename):
+    if model is None or not v_sampled_as_eps(model):
         return []
-    path = Path(info.filename)
+    path = Path(model.sd_checkpoint_info.filename)
     return [f"{path.name} is a v-prediction model (its v_pred key says so, as NoobAI V-Pred's does), but the WebUI "
             f"samples it as eps (it reads v-prediction from a yaml only): LoRA Maker trains it as v, and its pictures "
             f"(test grids, txt2img) look wrong until a yaml whose denoiser uses sgm's VScaling is saved beside it as "
             f"{path.stem}.yaml and the model is reloaded"]
-
-
-def _v_marked(filename: str) -> bool:
-    """`marks_v_prediction`, read once per file version (the plan asks on every change of the form)."""
-    try:
-        stamp = os.stat(filename).st_mtime_ns
-    except OSError:
-        return False
-    return _v_marked_at(filename, stamp)
-
-
-@functools.lru_cache(maxsize=8)
-def _v_marked_at(filename: str, stamp: int) -> bool:
-    from ..hosts.checkpoint import marks_v_prediction
-
-    return marks_v_prediction(filename)
 
 
 def _model_kind() -> str | None:
